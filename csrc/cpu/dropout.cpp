@@ -1,0 +1,133 @@
+// Dropout on CPU tensors: the Philox stream of csrc/include/fastreg/philox.h, one call
+// per 4 consecutive elements, computed a batch at a time so the compiler can vectorize
+// the rounds, and applied in the same pass over x.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "fastreg/dropout_args.h"
+#include "fastreg/philox.h"
+
+namespace fastreg {
+namespace {
+
+constexpr int64_t kGroupsPerBatch = 16;  // Philox calls computed together (64 elements)
+
+template <typename scalar_t>
+struct DropoutArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* bias;  // nullptr: none
+  const scalar_t* residual;  // nullptr: none
+  scalar_t* out;
+  int64_t numel, bias_numel;
+  uint64_t seed, threshold;
+  int64_t offset, inner;
+  acc_t scale;
+
+  // out = residual + (x + bias) * multiplier, in the order every backend uses
+  inline void apply(int64_t i, acc_t multiplier) const {
+    acc_t v = static_cast<acc_t>(x[i]);
+    if (bias) v = v + static_cast<acc_t>(bias[i % bias_numel]);
+    v = v * multiplier;
+    if (residual) v = static_cast<acc_t>(residual[i]) + v;
+    out[i] = static_cast<scalar_t>(v);
+  }
+  inline acc_t multiplier(uint32_t word) const {
+    return keep_element(word, threshold) ? scale : acc_t(0);
+  }
+};
+
+// inner == 1: elements [4g, 4g + 4) take the four words of Philox call offset / 4 + g.
+template <typename scalar_t>
+void dropout_elementwise(const DropoutArgs<scalar_t>& a) {
+  const int64_t groups = (a.numel + 3) / 4;
+  const uint64_t first_counter = static_cast<uint64_t>(a.offset) / 4;
+  at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
+    uint32_t words[kGroupsPerBatch * 4];
+    for (int64_t g0 = begin; g0 < end; g0 += kGroupsPerBatch) {
+      const int64_t count = std::min(kGroupsPerBatch, end - g0);
+      for (int64_t k = 0; k < count; ++k) {
+        const Philox4 r = philox4x32_10(first_counter + g0 + k, a.seed);
+        for (int j = 0; j < 4; ++j) words[4 * k + j] = r.w[j];
+      }
+      const int64_t first = 4 * g0, last = std::min(4 * (g0 + count), a.numel);
+      if (!a.bias && !a.residual) {  // the plain-dropout loop, kept simple to vectorize
+        for (int64_t i = first; i < last; ++i) {
+          a.out[i] = static_cast<scalar_t>(static_cast<typename DropoutArgs<scalar_t>::acc_t>(a.x[i]) *
+                                           a.multiplier(words[i - first]));
+        }
+      } else {
+        for (int64_t i = first; i < last; ++i) a.apply(i, a.multiplier(words[i - first]));
+      }
+    }
+  });
+}
+
+// inner > 1: group g of `inner` elements shares the word at stream position offset + g.
+template <typename scalar_t>
+void dropout_grouped(const DropoutArgs<scalar_t>& a) {
+  const int64_t groups = (a.numel + a.inner - 1) / a.inner;
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.inner);
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint64_t position = static_cast<uint64_t>(a.offset) + g;
+      const uint32_t word = philox4x32_10(position / 4, a.seed).w[position % 4];
+      const auto multiplier = a.multiplier(word);
+      const int64_t last = std::min((g + 1) * a.inner, a.numel);
+      for (int64_t i = g * a.inner; i < last; ++i) a.apply(i, multiplier);
+    }
+  });
+}
+
+void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
+            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+            at::Tensor& out) {
+  if (x.numel() == 0) return;
+  const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_dropout_cpu", [&] {
+    DropoutArgs<scalar_t> a;
+    a.x = x.const_data_ptr<scalar_t>();
+    a.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    a.residual = residual_c.defined() ? residual_c.const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.numel = x.numel();
+    a.bias_numel = bias_c.defined() ? bias_c.numel() : 1;
+    a.seed = static_cast<uint64_t>(seed.item<int64_t>());
+    a.threshold = drop_threshold(p);
+    a.offset = offset;
+    a.inner = inner;
+    a.scale = static_cast<typename DropoutArgs<scalar_t>::acc_t>(keep_scale(p));
+    if (inner == 1) {
+      dropout_elementwise(a);
+    } else {
+      dropout_grouped(a);
+    }
+  });
+}
+
+at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  check_dropout_args(x, seed, p, offset, inner, bias, residual);
+  const at::Tensor input = x.contiguous();
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  launch(input, seed, p, offset, inner, bias, residual, out);
+  return out;
+}
+
+void dropout_cpu_(at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner) {
+  check_dropout_args(x, seed, p, offset, inner, std::nullopt, std::nullopt);
+  TORCH_CHECK(x.is_contiguous(), "fastreg::dropout_: 'x' must be contiguous");
+  launch(x, seed, p, offset, inner, std::nullopt, std::nullopt, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_", &dropout_cpu_);
+}
+
+}  // namespace fastreg

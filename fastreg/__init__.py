@@ -1,0 +1,22 @@
+"""fastreg: fused kernels for the regularization and normalization layers of training.
+
+    import fastreg
+    model.drop = fastreg.nn.Dropout(0.1)     # drop-in for torch.nn.Dropout
+    fastreg.available_backends()             # e.g. ['triton', 'cuda', 'cpu', 'torch']
+"""
+
+from fastreg import _ops  # noqa: F401  (registers the operators)
+from fastreg import functional, nn
+from fastreg._backend import available_backends, backend_supports, get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "backend_supports",
+    "functional",
+    "get_backend",
+    "nn",
+    "set_backend",
+    "use_backend",
+]

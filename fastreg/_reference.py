@@ -1,0 +1,69 @@
+"""The "torch" backend: fastreg's ops written with plain PyTorch tensor ops.
+
+It draws the same Philox stream as the kernels (csrc/include/fastreg/philox.h), so it
+is both the fallback where no compiled backend runs and the bit-exact reference the
+tests hold the kernels to. It is differentiable through ordinary autograd (and saves
+the mask, unlike the kernels). Integers are int64 tensors holding 32-bit words;
+products are split into 16-bit halves so no step overflows int64.
+"""
+
+import torch
+
+from fastreg._rng import drop_threshold, keep_scale
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hilo(a: torch.Tensor, m: int):
+    """(high, low) 32-bit words of a * m for 32-bit a and constant m, without overflow."""
+    low_part = (a & 0xFFFF) * m  # < 2**48
+    high_part = (a >> 16) * m  # < 2**48
+    middle = (high_part & 0xFFFF) + (low_part >> 16)
+    hi = (high_part >> 16) + (middle >> 16)
+    lo = ((middle & 0xFFFF) << 16) | (low_part & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, seed: torch.Tensor):
+    """Four 32-bit words (int64 tensors) of Philox 4x32-10 for each 64-bit counter."""
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for round in range(10):
+        if round > 0:
+            k0 = (k0 + _PHILOX_W0) & _MASK32
+            k1 = (k1 + _PHILOX_W1) & _MASK32
+        hi0, lo0 = _mul_hilo(c0, _PHILOX_M0)
+        hi1, lo1 = _mul_hilo(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_words(numel: int, seed: torch.Tensor, offset: int = 0, inner: int = 1) -> torch.Tensor:
+    """The 32-bit word drawn by each of `numel` row-major elements (int64 tensor)."""
+    position = offset + torch.arange(numel, device=seed.device, dtype=torch.int64) // inner
+    words = torch.stack(philox4x32_10(position >> 2, seed.reshape(())), dim=-1)
+    return words.gather(-1, (position & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def keep_mask(shape, seed, p, offset=0, inner=1) -> torch.Tensor:
+    """Boolean keep-mask of the kernels for a row-major tensor of this shape."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return (philox_words(numel, seed, offset, inner) >= drop_threshold(p)).reshape(shape)
+
+
+def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None):
+    """residual + (x + bias) * keep * scale, with the kernels' mask and rounding order."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    multiplier = keep_mask(x.shape, seed, p, offset, inner).to(acc) * keep_scale(p)
+    v = x.to(acc)
+    if bias is not None:
+        v = v + bias.to(acc)
+    v = v * multiplier
+    if residual is not None:
+        v = residual.to(acc) + v
+    return v.to(x.dtype)

@@ -1,0 +1,1 @@
+"""Benchmarks of fastreg ops: `python -m fastreg.bench --help`."""

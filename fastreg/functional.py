@@ -1,0 +1,160 @@
+"""fastreg's ops with the signatures of torch.nn.functional.
+
+Each call checks its arguments as torch does, asks fastreg._backend for the backend and
+runs the op there; autograd is registered on the ops themselves (fastreg/_ops.py).
+"""
+
+import warnings
+
+import torch
+
+from fastreg import _ops, _reference, _rng
+from fastreg._backend import choose_backend
+
+__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add"]
+
+
+def _check_probability(p: float, what: str = "dropout probability") -> None:
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"{what} has to be between 0 and 1, but got {p}")
+
+
+def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
+    if not tensor.is_floating_point():
+        raise RuntimeError(f"fastreg.{op}: expected a floating-point '{name}', got {tensor.dtype}")
+
+
+def _masked(x: torch.Tensor, p: float, inplace: bool, inner: int, op: str) -> torch.Tensor:
+    """x * keep / (1 - p) with one draw per `inner` consecutive elements (mask-free)."""
+    _check_floating("input", x, op)
+    backend = choose_backend(x.device.type)
+    seed = _rng.new_seed(x.device)
+    if not inplace:
+        return _ops.impl("dropout", backend)(x, seed, p, 0, inner)
+    if backend != "torch" and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
+        _ops.impl("dropout_", backend)(x, seed, p, 0, inner)
+        return x
+    # Autograd records the in-place copy (and raises as torch does for a leaf).
+    return x.copy_(_ops.impl("dropout", backend)(x, seed, p, 0, inner))
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.dropout, mask-free: backward regenerates the mask from a seed."""
+    _check_probability(p)
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    return _masked(input, p, inplace, inner=1, op="dropout")
+
+
+def _feature_dropout(x: torch.Tensor, p: float, training: bool, inplace: bool, op: str) -> torch.Tensor:
+    """One draw per (sample, channel) of x shaped (N, C, *): torch's feature_dropout."""
+    if x.dim() < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    return _masked(x, p, inplace, inner=x[0, 0].numel(), op=op)
+
+
+def _warn_feature_rank(name: str, rank: int, spatial: int) -> None:
+    # torch's deprecation warnings for the ranks it still accepts
+    if rank not in (spatial + 1, spatial + 2):
+        warnings.warn(
+            f"{name}: Received a {rank}-D input to {name}, which is deprecated and will result "
+            "in an error in a future release. To retain the behavior and silence this warning, "
+            f"please use dropout instead. Note that {name} exists to provide channel-wise dropout "
+            f"on inputs with {spatial} spatial dimensions, a channel dimension, and an optional "
+            f"batch dimension (i.e. {spatial + 1}D or {spatial + 2}D inputs).",
+            stacklevel=3,
+        )
+    if spatial == 2 and rank == 3:
+        warnings.warn(
+            "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout "
+            "behavior is desired - input is interpreted as shape (N, C, L), where C is the channel "
+            "dim. This behavior will change in a future release to interpret the input as one "
+            "without a batch dimension, i.e. shape (C, H, W). To maintain the 1D channel-wise "
+            "dropout behavior, please switch to using dropout1d instead.",
+            stacklevel=3,
+        )
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.dropout1d: zero whole channels of (N, C, L) or (C, L) inputs."""
+    _check_probability(p)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(
+            f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input. "
+            "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
+            "spatial dimension, a channel dimension, and an optional batch dimension "
+            "(i.e. 2D or 3D inputs)."
+        )
+    batched = input if input.dim() == 3 else input.unsqueeze(0)
+    out = _feature_dropout(batched, p, training, inplace, "dropout1d")
+    return out if input.dim() == 3 else out.squeeze(0)
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.dropout2d: zero whole channels of (N, C, H, W) inputs.
+
+    As in torch, a 3-D input is taken as (N, C, L), and other ranks use their first
+    two dims as (N, C); both warn as torch does.
+    """
+    _check_probability(p)
+    _warn_feature_rank("dropout2d", input.dim(), spatial=2)
+    return _feature_dropout(input, p, training, inplace, "dropout2d")
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.dropout3d: zero whole channels of (N, C, D, H, W) or (C, D, H, W)."""
+    _check_probability(p)
+    _warn_feature_rank("dropout3d", input.dim(), spatial=3)
+    batched = input if input.dim() == 5 else input.unsqueeze(0)  # as torch: all but 5-D are unbatched
+    out = _feature_dropout(batched, p, training, inplace, "dropout3d")
+    return out if input.dim() == 5 else out.squeeze(0)
+
+
+def drop_path(input: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Stochastic depth: zero whole samples (dim 0) with probability p, scale the rest by 1/(1-p)."""
+    _check_probability(p, "drop probability")
+    if input.dim() == 0:
+        raise RuntimeError("fastreg.drop_path: 'input' needs a batch dimension (dim 0), got a 0-dim tensor")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    return _masked(input, p, inplace=False, inner=input[0].numel(), op="drop_path")
+
+
+def dropout_add(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    p: float,
+    training: bool = True,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + dropout(x + bias, p) in one pass (bias: 1-D of size x.shape[-1])."""
+    _check_probability(p)
+    _check_floating("x", x, "dropout_add")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise RuntimeError(
+            f"fastreg.dropout_add: 'residual' must match x in shape, dtype and device; got "
+            f"{tuple(residual.shape)} {residual.dtype} {residual.device} for x "
+            f"{tuple(x.shape)} {x.dtype} {x.device}"
+        )
+    if bias is not None and (
+        bias.dim() != 1 or x.dim() == 0 or bias.shape[0] != x.shape[-1]
+        or bias.dtype != x.dtype or bias.device != x.device
+    ):
+        raise RuntimeError(
+            f"fastreg.dropout_add: 'bias' must be 1-D of size x.shape[-1] with x's dtype and device; "
+            f"got {tuple(bias.shape)} {bias.dtype} {bias.device} for x {tuple(x.shape)} {x.dtype}"
+        )
+    if x.numel() == 0:
+        return residual + x
+    backend = choose_backend(x.device.type)
+    if training:
+        seed = _rng.new_seed(x.device)
+    else:  # the same fused pass with nothing dropped; eval leaves the RNG untouched
+        p, seed = 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
+    return _ops.impl("dropout", backend)(x, seed, p, 0, 1, bias, residual)
+
+
+# The torch backend's bit-exact mask, for tests and debugging.
+keep_mask = _reference.keep_mask

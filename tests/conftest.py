@@ -1,0 +1,54 @@
+"""Shared test set-up: the Triton interpreter without a GPU, and backend parametrization.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter, which must be
+switched on before triton is first imported (importing torch does not import it).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastreg  # noqa: E402
+
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+# Each backend runs on the device it is built for; without a GPU, triton runs CPU
+# tensors in the interpreter (slow: keep interpreted shapes small).
+BACKEND_DEVICE = {
+    "triton": "cuda" if GPU else "cpu",
+    "cuda": "cuda",
+    "cpu": "cpu",
+    "torch": "cuda" if GPU else "cpu",
+}
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+
+
+def skip_unless_runs(backend: str) -> str:
+    """The device for `backend`, or skip the test saying why the backend cannot run here."""
+    device = BACKEND_DEVICE[backend]
+    reason = fastreg._backend._why_not(backend, device)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} cannot run here: {reason}")
+    return device
+
+
+@pytest.fixture(params=fastreg._backend.BACKENDS)
+def backend(request):
+    """(backend name, device) with that backend forced for the test's duration."""
+    device = skip_unless_runs(request.param)
+    with fastreg.use_backend(request.param):
+        yield request.param, device
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """Like `backend`, for the compiled/Triton kernels only (not the torch reference)."""
+    device = skip_unless_runs(request.param)
+    with fastreg.use_backend(request.param):
+        yield request.param, device
