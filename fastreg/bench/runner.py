@@ -1,0 +1,241 @@
+"""The one benchmark runner: times every (op, mode, size, dtype, provider), measures a plain
+copy in the same run, and writes a markdown table, a JSON file and a plot.
+
+Timing: on a GPU `triton.testing.do_bench` (which flushes L2 between runs; median and
+20/80% quantiles); on a CPU `torch.utils.benchmark` with blocked_autorange (median and
+interquartile range) on all the threads torch uses.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import fastreg
+from fastreg.bench.ops import OPS, make_callable
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    low_ms: float  # 20% quantile (GPU) or first quartile (CPU)
+    high_ms: float  # 80% quantile (GPU) or third quartile (CPU)
+    raw_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    numel: int
+    dtype: str
+    provider: str
+    min_bytes: float
+    timing: Timing | None
+    error: str | None = None
+    gbps: float | None = None
+    copy_share: float | None = None  # of the copy bandwidth measured in this run
+    vs_eager: float | None = None  # torch eager time / this time
+
+
+def time_fn(fn, device: str, min_time: float) -> Timing:
+    if device == "cuda":
+        import triton.testing
+
+        median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+        return Timing(median, low, high, [median, low, high])
+    from torch.utils import benchmark
+
+    measurement = benchmark.Timer(
+        "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_time)
+    times = [t * 1e3 for t in measurement.times]
+    quartiles = torch.tensor(times).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64).float()).tolist()
+    return Timing(measurement.median * 1e3, quartiles[0], quartiles[1], times)
+
+
+def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float) -> float:
+    """GB/s of dst.copy_(src): reads and writes numel elements."""
+    src = torch.randn(numel, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, min_time)
+    return 2 * numel * dtype.itemsize / timing.median_ms / 1e6
+
+
+def providers(device: str, backends: list[str] | None) -> list[str]:
+    """fastreg backends that run on `device` (triton through the interpreter only if asked), then torch's."""
+    if backends is None:
+        backends = [
+            b for b in fastreg.available_backends()
+            if fastreg.backend_supports(b, device) and b != "torch" and not (b == "triton" and device == "cpu")
+        ]
+    return [f"fastreg-{b}" for b in backends] + ["torch", "torch.compile"]
+
+
+def _provider_fn(op, provider: str):
+    if provider == "torch":
+        return op.torch_fn
+    if provider == "torch.compile":
+        return torch.compile(op.torch_fn)
+    backend = provider.removeprefix("fastreg-")
+
+    def run(x):
+        with fastreg.use_backend(backend):
+            return op.fastreg_fn(x)
+
+    return run
+
+
+def run(ops, device, dtypes, quick, backends=None, sizes=None, modes=MODES, min_time=0.5, log=sys.stderr):
+    """Measure everything; returns (rows, copy GB/s per (numel, dtype))."""
+    plan = []
+    for name in ops:
+        op = OPS[name]
+        full, quick_sizes = op.sizes[device]
+        for numel in sizes or (quick_sizes if quick else full):
+            for dtype in dtypes:
+                for mode in modes:
+                    for provider in providers(device, backends):
+                        plan.append((op, mode, numel, dtype, provider))
+    if backends is None and device == "cpu":
+        print("note: triton on CPU runs in the interpreter; skipped (ask with --backends triton)", file=log)
+
+    copy_gbps, rows, compiled = {}, [], {}
+    for index, (op, mode, numel, dtype, provider) in enumerate(plan, 1):
+        if (numel, dtype) not in copy_gbps:
+            copy_gbps[(numel, dtype)] = copy_bandwidth(numel, dtype, device, min_time)
+        key = (op.name, provider)
+        if key not in compiled:
+            compiled[key] = _provider_fn(op, provider)
+        row = Row(op.name, mode, numel, str(dtype).removeprefix("torch."), provider,
+                  op.min_bytes(mode, numel, dtype), None)
+        try:
+            fn = make_callable(compiled[key], mode, numel, dtype, device)
+            fn()  # warm up (compiles)
+            row.timing = time_fn(fn, device, min_time)
+            row.gbps = row.min_bytes / row.timing.median_ms / 1e6
+            row.copy_share = row.gbps / copy_gbps[(numel, dtype)]
+        except Exception as error:  # a provider that cannot run this case is reported, not fatal
+            row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        rows.append(row)
+        result = f"{row.gbps:8.1f} GB/s" if row.timing else f"n/a ({row.error})"
+        print(f"[{index}/{len(plan)}] {op.name} {mode} {numel:,} {row.dtype} {provider}: {result}", file=log, flush=True)
+
+    eager = {(r.op, r.mode, r.numel, r.dtype): r for r in rows if r.provider == "torch" and r.timing}
+    for row in rows:
+        reference = eager.get((row.op, row.mode, row.numel, row.dtype))
+        if row.timing and reference:
+            row.vs_eager = reference.timing.median_ms / row.timing.median_ms
+    return rows, copy_gbps
+
+
+def environment(device: str) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "device_type": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "fastreg": fastreg.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def markdown(rows, copy_gbps, env) -> str:
+    lines = [
+        f"Device: {env['device']} ({env['threads']} threads) | torch {env['torch']} | triton {env['triton']} | "
+        f"CUDA {env['cuda']} | commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}",
+        "",
+        "| op | mode | elements | dtype | provider | time (ms) | GB/s | % of copy | x torch eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.timing is None:
+            cells = ["n/a", r.error or "", "", ""]
+        else:
+            cells = [f"{r.timing.median_ms:.4f}", f"{r.gbps:.1f}", f"{100 * r.copy_share:.0f}%",
+                     f"{r.vs_eager:.2f}" if r.vs_eager else ""]
+        lines.append(f"| {r.op} | {r.mode} | {r.numel:,} | {r.dtype} | {r.provider} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Copy bandwidth in this run: " + ", ".join(
+        f"{numel:,} {str(dtype).removeprefix('torch.')}: {gbps:.1f} GB/s" for (numel, dtype), gbps in copy_gbps.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, copy_gbps, env, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r.op, r.mode, r.numel, r.dtype) for r in rows))
+    names = list(dict.fromkeys(r.provider for r in rows))
+    by_key = {(r.op, r.mode, r.numel, r.dtype, r.provider): r for r in rows}
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
+    for k, provider in enumerate(names):
+        values = [getattr(by_key.get((*case, provider)), "gbps", None) or 0 for case in cases]
+        ax.bar([i + k * width for i in range(len(cases))], values, width, label=provider)
+    copies = {(n, str(d).removeprefix("torch.")): g for (n, d), g in copy_gbps.items()}
+    for i, case in enumerate(cases):
+        ax.hlines(copies[(case[2], case[3])], i - width / 2, i + 0.8 - width / 2, colors="black",
+                  label="copy" if i == 0 else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([f"{op} {mode}\n{numel:,} {dtype}" for op, mode, numel, dtype in cases], fontsize=8)
+    ax.set_ylabel("GB/s (minimum-bytes model)")
+    ax.set_title(f"fastreg on {env['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows, copy_gbps, env, args: dict, out_dir: str, name: str) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "json", "png")}
+    table = markdown(rows, copy_gbps, env)
+    with open(paths["md"], "w") as f:
+        f.write(table)
+    with open(paths["json"], "w") as f:
+        json.dump({
+            "environment": env,
+            "args": args,
+            "copy_gbps": [{"numel": n, "dtype": str(d).removeprefix("torch."), "gbps": g} for (n, d), g in copy_gbps.items()],
+            "results": [asdict(r) for r in rows],
+        }, f, indent=1)
+    plot(rows, copy_gbps, env, paths["png"])
+    return paths
