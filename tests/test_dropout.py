@@ -444,6 +444,20 @@ def test_torch_compile_fullgraph(backend):
         assert any("fastreg" in t for t in targets), targets
 
 
+def test_torch_compile_inplace_inference(backend):
+    """nn.Dropout(inplace=True) under torch.compile: the mutating op, functionalized."""
+    name, device = backend
+    if name == "triton" and not GPU:
+        pytest.skip("torch.compile of a triton_op needs a GPU (the interpreter cannot run on fake tensors)")
+    module = torch.nn.Sequential(torch.nn.ReLU(), fastreg.nn.Dropout(0.5, inplace=True))
+    x = _input((16, 32), torch.float32, device).abs()
+    with torch.no_grad():
+        y = torch.compile(module, fullgraph=True)(x)
+    keep = y != 0
+    assert 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(y, x * keep * 2.0)
+
+
 def test_triton_kernel_files_import_only_torch_and_triton():
     """Each file of triton_kernels/ can be vendored: it imports torch, triton and the stdlib only."""
     import ast

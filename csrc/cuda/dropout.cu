@@ -93,11 +93,19 @@ bool aligned_to(const void* ptr, size_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
+// Enough blocks to fill every SM (queried once per device), the rest done by grid striding.
 int max_resident_blocks() {
-  int device = 0, sms = 0;
+  constexpr int kMaxDevices = 64;
+  static int sm_count[kMaxDevices] = {};  // 0: not queried yet (a benign race: same value)
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms * (2048 / kThreads);
+  if (device >= kMaxDevices || sm_count[device] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device >= kMaxDevices) return sms * (2048 / kThreads);
+    sm_count[device] = sms;
+  }
+  return sm_count[device] * (2048 / kThreads);
 }
 
 void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
