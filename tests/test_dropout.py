@@ -77,6 +77,19 @@ def test_masks_bitwise_identical_across_backends(kernel_backend, offset, inner):
     assert 0.25 < (out == 0).float().mean() < 0.35
 
 
+def test_triton_and_cpp_kernels_agree_bitwise():
+    """The Triton kernel (interpreted here) and the C++ CPU kernel on the same CPU tensor."""
+    skip_unless_runs("cpu")
+    if skip_unless_runs("triton") != "cpu":
+        pytest.skip("triton runs CUDA tensors here; the CUDA comparison is the test above")
+    x = _input((5, 409), torch.float32, "cpu")
+    bias, residual = _input((409,), torch.float32, "cpu"), _input((5, 409), torch.float32, "cpu")
+    for args in ((0.3,), (0.5, 2**33, 7), (0.25, 0, 1, bias, residual)):
+        triton_out = _ops.impl("dropout", "triton")(x, _seeded(99, "cpu"), *args)
+        cpp_out = _ops.impl("dropout", "cpu")(x, _seeded(99, "cpu"), *args)
+        assert torch.equal(triton_out, cpp_out)
+
+
 @pytest.mark.parametrize("p", [0.1, 1 / 3, 0.5, 0.9])
 @pytest.mark.parametrize("backend_name", ["cpu", "torch", "cuda", "triton"])
 def test_drop_rate_is_exactly_p(backend_name, p):
