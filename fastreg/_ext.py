@@ -30,6 +30,11 @@ def load_error() -> str | None:
     return _load_error
 
 
+def defines(op: str) -> bool:
+    """Whether the loaded extension defines `fastreg::<op>` (a stale build may not)."""
+    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastreg::{op}", "CPU")
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered `fastreg::<op>` for a dispatch key ("CPU", "CUDA")."""
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastreg::{op}", dispatch_key)

@@ -89,6 +89,120 @@ if _HAVE_TRITON:
     _register_dropout_autograd("fastreg::dropout_triton", torch.ops.fastreg.dropout_triton.default)
 
 
+# -------------------------------------------------------------- layer_norm / rms_norm
+# norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32) -> (y, h, mean, rstd)
+# over 2-D row-contiguous x; h = residual + dropout(x) when residual or seed is given.
+# Saved for backward: the norm input (x, or the h the op returned), weight, mean, rstd,
+# and the seed; the dropout mask is regenerated.
+
+
+def _norm_fwd_fake(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
+    M, N = x.shape
+    fused = residual is not None or seed is not None
+    h_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+    return (
+        x.new_empty((M, N)),
+        x.new_empty((M, N) if fused else (0,), dtype=h_dtype),
+        x.new_empty((0,) if is_rms else (M,), dtype=torch.float32),
+        x.new_empty((M,), dtype=torch.float32),
+    )
+
+
+def _norm_bwd_fake(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
+    N = x.shape[1]
+    w_dtype = weight.dtype if weight is not None else x.dtype
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((N,) if weight is not None else (0,), dtype=w_dtype),
+        x.new_empty((N,) if has_bias else (0,), dtype=w_dtype),
+    )
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32 = inputs
+    y, h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.fused = residual is not None or seed is not None
+    ctx.save_for_backward(h if ctx.fused else x, weight, mean, rstd, seed)
+    ctx.is_rms, ctx.p, ctx.has_bias = is_rms, p, bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _make_norm_backward(norm_bwd_op, dropout_op):
+    def backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
+        norm_input, weight, mean, rstd, seed = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = norm_bwd_op(
+            grad_y, norm_input, weight, mean, rstd, ctx.is_rms, ctx.has_bias, grad_h if ctx.fused else None
+        )
+        grad_x, grad_residual = grad_input, None
+        if ctx.fused:
+            if ctx.residual_dtype is not None:
+                grad_residual = grad_input.to(ctx.residual_dtype)
+            if seed is not None:  # through the dropout: the same mask, regenerated
+                grad_x = dropout_op(grad_input, seed, ctx.p)
+            grad_x = grad_x.to(ctx.x_dtype)
+        return (
+            grad_x,
+            grad_weight if weight is not None else None,
+            grad_bias if ctx.has_bias else None,
+            None, None, grad_residual, None, None, None,
+        )
+
+    return backward
+
+
+def _register_norm_autograd(op_name, norm_bwd_op, dropout_op):
+    torch.library.register_autograd(
+        op_name, _make_norm_backward(norm_bwd_op, dropout_op), setup_context=_norm_setup_context
+    )
+
+
+if _ext.defines("norm_fwd"):
+    torch.library.register_fake("fastreg::norm_fwd", _norm_fwd_fake)
+    torch.library.register_fake("fastreg::norm_bwd", _norm_bwd_fake)
+    _register_norm_autograd(
+        "fastreg::norm_fwd", torch.ops.fastreg.norm_bwd.default, torch.ops.fastreg.dropout.default
+    )
+
+
+if _HAVE_TRITON:
+    from fastreg.triton_kernels import layer_norm as _triton_norm
+
+    @torch.library.triton_op("fastreg::norm_fwd_triton", mutates_args=())
+    def norm_fwd_triton(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        is_rms: bool,
+        residual: torch.Tensor | None = None,
+        seed: torch.Tensor | None = None,
+        p: float = 0.0,
+        residual_in_fp32: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_norm.norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32)
+
+    @torch.library.triton_op("fastreg::norm_bwd_triton", mutates_args=())
+    def norm_bwd_triton(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        is_rms: bool,
+        has_bias: bool,
+        dh: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_norm.norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh)
+
+    norm_fwd_triton.register_fake(_norm_fwd_fake)
+    norm_bwd_triton.register_fake(_norm_bwd_fake)
+    _register_norm_autograd(
+        "fastreg::norm_fwd_triton", torch.ops.fastreg.norm_bwd_triton.default, torch.ops.fastreg.dropout_triton.default
+    )
+
+
 def _missing(op, backend):
     def fail(*args, **kwargs):
         raise RuntimeError(f"fastreg op {op!r} has no {backend!r} implementation here")
@@ -97,13 +211,13 @@ def _missing(op, backend):
 
 
 def impl(op: str, backend: str):
-    """The callable running op `op` ("dropout", "dropout_") on `backend`.
+    """The callable running op `op` ("dropout", "dropout_", "norm_fwd") on `backend`.
 
     `backend` comes from fastreg._backend.choose_backend, which has already checked
     that it can run; cpu and cuda share one op, routed by the dispatcher.
     """
     if backend == "torch":
         return getattr(_reference, op)
-    name = op if backend in ("cpu", "cuda") else op.replace("dropout", "dropout_triton", 1)
+    name = op if backend in ("cpu", "cuda") else op.rstrip("_") + "_triton" + "_" * op.endswith("_")
     packet = getattr(torch.ops.fastreg, name, None)
     return packet.default if packet is not None else _missing(op, backend)

@@ -67,3 +67,36 @@ def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None):
     if residual is not None:
         v = residual.to(acc) + v
     return v.to(x.dtype)
+
+
+def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
+    """LayerNorm / RMSNorm of the rows of 2-D x, optionally of h = residual + dropout(x).
+
+    Same contract as the kernels' norm_fwd: returns (y, h or empty, mean or empty, rstd),
+    statistics in float32, h formed in float32 and rounded to its dtype before the norm.
+    Differentiable through autograd (y and h).
+    """
+    fused = residual is not None or seed is not None
+    v = x.float()
+    if seed is not None:
+        v = v * (keep_mask(x.shape, seed, p).float() * keep_scale(p))
+    if residual is not None:
+        v = residual.float() + v
+    h = x.new_empty(0)
+    if fused:
+        h_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+        h = v.to(h_dtype)
+        v = h.float()
+    if is_rms:
+        mean = v.new_empty(0)
+        rstd = torch.rsqrt(v.pow(2).mean(-1) + eps)
+        normalized = v * rstd[:, None]
+    else:
+        mean = v.mean(-1)
+        rstd = torch.rsqrt((v - mean[:, None]).pow(2).mean(-1) + eps)
+        normalized = (v - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        normalized = normalized * weight.float()
+    if bias is not None:
+        normalized = normalized + bias.float()
+    return normalized.to(x.dtype), h, mean.detach(), rstd.detach()

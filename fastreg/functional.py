@@ -11,7 +11,10 @@ import torch
 from fastreg import _ops, _reference, _rng
 from fastreg._backend import choose_backend
 
-__all__ = ["dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add"]
+__all__ = [
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
+    "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm",
+]
 
 
 def _check_probability(p: float, what: str = "dropout probability") -> None:
@@ -154,6 +157,91 @@ def dropout_add(
     else:  # the same fused pass with nothing dropped; eval leaves the RNG untouched
         p, seed = 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
     return _ops.impl("dropout", backend)(x, seed, p, 0, 1, bias, residual)
+
+
+# ------------------------------------------------------------------ LayerNorm / RMSNorm
+
+
+def _check_norm_args(x, normalized_shape, weight, bias, op):
+    """torch's checks of layer_norm / rms_norm arguments, with torch's messages; returns the shape."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    _check_floating("input", x, op)
+    if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        separator = ", " if op == "layer_norm" else ""
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*{separator}"
+            f"{', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) != shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{list(param.shape)} and normalized_shape = {list(shape)}"
+            )
+    return shape
+
+
+def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=False,
+          prenorm=False, residual_in_fp32=False):
+    """The norm over the trailing `shape` of x (of h = residual + dropout(x) when fused)."""
+    n = 1
+    for size in shape:
+        n *= size
+    rows = x.reshape(-1, n).contiguous()
+    residual_rows = residual.reshape(-1, n).contiguous() if residual is not None else None
+    backend = choose_backend(x.device.type)
+    seed = _rng.new_seed(x.device) if training and p > 0.0 else None
+    y, h, _, _ = _ops.impl("norm_fwd", backend)(
+        rows,
+        weight.reshape(-1) if weight is not None else None,
+        bias.reshape(-1) if bias is not None else None,
+        float(eps), is_rms, residual_rows, seed, p if seed is not None else 0.0, residual_in_fp32,
+    )
+    y = y.view(x.shape)
+    return (y, h.view(x.shape)) if prenorm else y
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.layer_norm; statistics in float32, deterministic backward."""
+    shape = _check_norm_args(input, normalized_shape, weight, bias, "layer_norm")
+    return _norm(input, shape, weight, bias, eps, is_rms=False)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps: float | None = None) -> torch.Tensor:
+    """torch.nn.functional.rms_norm (eps=None: the machine epsilon of input's dtype)."""
+    shape = _check_norm_args(input, normalized_shape, weight, None, "rms_norm")
+    return _norm(input, shape, weight, None, torch.finfo(input.dtype).eps if eps is None else eps, is_rms=True)
+
+
+def _check_fused_norm_args(x, residual, weight, bias, p, op):
+    _check_probability(p)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
+        raise RuntimeError(
+            f"fastreg.{op}: 'residual' must match x in shape, dtype and device; got "
+            f"{tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise RuntimeError(f"fastreg.{op}: 'x' must have at least one dimension")
+    return _check_norm_args(x, x.shape[-1:], weight, bias, op)
+
+
+def dropout_add_layer_norm(x, residual, weight, bias, p, eps=1e-5, training=True, prenorm=False,
+                           residual_in_fp32=False):
+    """layer_norm(residual + dropout(x, p)) over the last dim, in one pass (mask-free).
+
+    Returns the normalized output, or (output, h) with h = residual + dropout(x) when
+    prenorm (h in float32 if residual_in_fp32). residual may be None. The mask is that
+    of fastreg.functional.dropout_add for the same seed.
+    """
+    shape = _check_fused_norm_args(x, residual, weight, bias, p, "dropout_add_layer_norm")
+    return _norm(x, shape, weight, bias, eps, False, residual, p, training, prenorm, residual_in_fp32)
+
+
+def dropout_add_rms_norm(x, residual, weight, p, eps=None, training=True, prenorm=False, residual_in_fp32=False):
+    """rms_norm(residual + dropout(x, p)) over the last dim; see dropout_add_layer_norm."""
+    shape = _check_fused_norm_args(x, residual, weight, None, p, "dropout_add_rms_norm")
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return _norm(x, shape, weight, None, eps, True, residual, p, training, prenorm, residual_in_fp32)
 
 
 # The torch backend's bit-exact mask, for tests and debugging.

@@ -1,0 +1,73 @@
+#pragma once
+// Argument checks and output allocation of the norm ops, shared by the CPU and CUDA
+// registrations.
+#include <ATen/ATen.h>
+
+namespace fastreg {
+
+struct NormOutputs {
+  at::Tensor y, h, mean, rstd;
+};
+
+inline void check_norm_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& seed, double p) {
+  TORCH_CHECK(x.dim() == 2, "fastreg::norm_fwd: 'x' must be 2-D (rows, normalized size), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastreg::norm_fwd: expected a floating-point 'x'");
+  const int64_t n = x.size(1);
+  for (const auto* param : {&weight, &bias}) {
+    if (param->has_value()) {
+      TORCH_CHECK((*param)->numel() == n && (*param)->device() == x.device() &&
+                      at::isFloatingType((*param)->scalar_type()),
+                  "fastreg::norm_fwd: 'weight' and 'bias' must have x.size(1) = ", n,
+                  " floating-point elements on x's device");
+    }
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device() == x.device(),
+                "fastreg::norm_fwd: 'residual' must have x's shape, dtype and device");
+  }
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device() == x.device(),
+                "fastreg::norm_fwd: 'seed' must be an int64 tensor with one element on x's device");
+  }
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+}
+
+inline NormOutputs allocate_norm_outputs(const at::Tensor& x, bool is_rms, bool fused, bool residual_in_fp32) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const auto h_dtype = residual_in_fp32 ? at::kFloat : x.scalar_type();
+  const auto f32 = x.options().dtype(at::kFloat);
+  return NormOutputs{
+      at::empty({m, n}, x.options()),
+      fused ? at::empty({m, n}, x.options().dtype(h_dtype)) : at::empty({0}, x.options().dtype(h_dtype)),
+      at::empty({is_rms ? 0 : m}, f32),
+      at::empty({m}, f32),
+  };
+}
+
+// Parameters in float32 (they are N elements: the copy is negligible), so the kernels
+// take one parameter type whatever the input's.
+inline at::Tensor param_as_float(const std::optional<at::Tensor>& param) {
+  return param.has_value() ? param->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+inline void check_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                const std::optional<at::Tensor>& dh) {
+  TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes(), "fastreg::norm_bwd: 'dy' and 'x' must be 2-D of one shape");
+  TORCH_CHECK(rstd.numel() == x.size(0) && rstd.scalar_type() == at::kFloat,
+              "fastreg::norm_bwd: 'rstd' must be float32 with one value per row");
+  if (dh.has_value()) {
+    TORCH_CHECK(dh->sizes() == x.sizes(), "fastreg::norm_bwd: 'dh' must have x's shape");
+  }
+}
+
+// Rows per partial-sum chunk of dweight / dbias: a fixed split of the rows (not the
+// thread count), so the sums are the same on every run.
+inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
+  const int64_t chunks = std::max<int64_t>(1, std::min(rows, max_chunks));
+  return (rows + chunks - 1) / chunks;
+}
+
+}  // namespace fastreg
