@@ -99,12 +99,13 @@ if _HAVE_TRITON:
 def _norm_fwd_fake(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
     M, N = x.shape
     fused = residual is not None or seed is not None
-    h_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics: float32, float64 for float64
+    h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
     return (
         x.new_empty((M, N)),
         x.new_empty((M, N) if fused else (0,), dtype=h_dtype),
-        x.new_empty((0,) if is_rms else (M,), dtype=torch.float32),
-        x.new_empty((M,), dtype=torch.float32),
+        x.new_empty((0,) if is_rms else (M,), dtype=acc_dtype),
+        x.new_empty((M,), dtype=acc_dtype),
     )
 
 

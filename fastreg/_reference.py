@@ -73,20 +73,21 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
     """LayerNorm / RMSNorm of the rows of 2-D x, optionally of h = residual + dropout(x).
 
     Same contract as the kernels' norm_fwd: returns (y, h or empty, mean or empty, rstd),
-    statistics in float32, h formed in float32 and rounded to its dtype before the norm.
-    Differentiable through autograd (y and h).
+    statistics in float32 (float64 for float64 x), h formed in that dtype and rounded to
+    its own before the norm. Differentiable through autograd (y and h).
     """
     fused = residual is not None or seed is not None
-    v = x.float()
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    v = x.to(acc_dtype)
     if seed is not None:
-        v = v * (keep_mask(x.shape, seed, p).float() * keep_scale(p))
+        v = v * (keep_mask(x.shape, seed, p).to(acc_dtype) * keep_scale(p))
     if residual is not None:
-        v = residual.float() + v
+        v = residual.to(acc_dtype) + v
     h = x.new_empty(0)
     if fused:
-        h_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+        h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
         h = v.to(h_dtype)
-        v = h.float()
+        v = h.to(acc_dtype)
     if is_rms:
         mean = v.new_empty(0)
         rstd = torch.rsqrt(v.pow(2).mean(-1) + eps)
@@ -96,7 +97,7 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
         rstd = torch.rsqrt((v - mean[:, None]).pow(2).mean(-1) + eps)
         normalized = (v - mean[:, None]) * rstd[:, None]
     if weight is not None:
-        normalized = normalized * weight.float()
+        normalized = normalized * weight.to(acc_dtype)
     if bias is not None:
-        normalized = normalized + bias.float()
+        normalized = normalized + bias.to(acc_dtype)
     return normalized.to(x.dtype), h, mean.detach(), rstd.detach()

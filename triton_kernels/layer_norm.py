@@ -4,14 +4,15 @@
 Self-contained (imports only torch and triton): copy this file into your codebase to use it.
 
 Rows are the leading dims flattened (M rows of N elements, N = the normalized size).
-Statistics are float32 whatever the input dtype. A row that fits on chip
-(N <= 64 KiB of input) is read once; longer rows take a looped multi-pass path.
+Statistics are float32 whatever the input dtype (float64 for float64 inputs). A row
+that fits on chip (N <= 64 KiB of input) is read once; longer rows take a looped
+multi-pass path.
 The dropout mask is never stored: element (i, j) draws from the counter-based Philox
 4x32-10 stream at position i * N + j, the stream of fastreg's dropout kernels
 (triton_kernels/dropout.py), so backward regenerates it from the seed.
 
 Backward is deterministic: the weight and bias gradients are per-program float32
-partial sums reduced in a second, fixed-order step; no atomics.
+(float64) partial sums reduced in a second, fixed-order step; no atomics.
 """
 
 import math
@@ -53,20 +54,20 @@ def _philox_word(position, seed):
 
 
 @triton.jit
-def _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale,
+def _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC: tl.constexpr,
                 HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr):
-    """The float32 values the norm sees: x, or h = residual + dropout(x) (stored, rounded to H's dtype)."""
+    """The values (in ACC) the norm sees: x, or h = residual + dropout(x) (stored, rounded to H's dtype)."""
     offsets = row * N + cols
-    v = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     if HAS_DROPOUT:
         keep = _philox_word(offsets, seed).to(tl.int64) >= threshold
         v = v * tl.where(keep, scale, 0.0)
     if HAS_RES:
-        v = tl.load(RES + offsets, mask=mask, other=0.0).to(tl.float32) + v
+        v = tl.load(RES + offsets, mask=mask, other=0.0).to(ACC) + v
     if STORE_H:
         h = v.to(H.dtype.element_ty)
         tl.store(H + offsets, h, mask=mask)
-        v = h.to(tl.float32)  # normalize what backward will read
+        v = h.to(ACC)  # normalize what backward will read
     return v
 
 
@@ -77,15 +78,16 @@ def _norm_fwd_kernel(
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    ACC: tl.constexpr = RSTD.dtype.element_ty  # float32, or float64 for float64 inputs
     row = tl.program_id(0).to(tl.int64)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32)
+    scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_PASS:
         mask = cols < N
-        v = _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, HAS_RES, HAS_DROPOUT, STORE_H)
+        v = _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC, HAS_RES, HAS_DROPOUT, STORE_H)
         if IS_RMS:
             mean = 0.0
             rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
@@ -93,13 +95,14 @@ def _norm_fwd_kernel(
             mean = tl.sum(v, axis=0) / N
             centered = tl.where(mask, v - mean, 0.0)  # two passes over the row on chip: stable
             rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-        _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, HAS_W, HAS_B)
+        _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, ACC, HAS_W, HAS_B)
     else:
         # pass 1: mean (or mean square); h is written here and re-read below
-        total = tl.zeros((BLOCK_N,), tl.float32)
+        total = tl.zeros((BLOCK_N,), ACC)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            v = _norm_input(X, RES, H, row, start + cols, mask, N, seed, threshold, scale, HAS_RES, HAS_DROPOUT, STORE_H)
+            v = _norm_input(X, RES, H, row, start + cols, mask, N, seed, threshold, scale, ACC,
+                            HAS_RES, HAS_DROPOUT, STORE_H)
             if IS_RMS:
                 total += v * v
             else:
@@ -113,10 +116,10 @@ def _norm_fwd_kernel(
         else:
             mean = tl.sum(total, axis=0) / N
             # pass 2: variance around the mean (two-pass: stable for large means)
-            total = tl.zeros((BLOCK_N,), tl.float32)
+            total = tl.zeros((BLOCK_N,), ACC)
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                v = tl.load(SRC + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(SRC + row * N + start + cols, mask=mask, other=0.0).to(ACC)
                 centered = tl.where(mask, v - mean, 0.0)
                 total += centered * centered
             variance = tl.sum(total, axis=0) / N
@@ -124,20 +127,21 @@ def _norm_fwd_kernel(
         # pass 3: normalize
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            v = tl.load(SRC + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
-            _norm_store(W, B, Y, row, start + cols, mask, N, v, mean, rstd, HAS_W, HAS_B)
+            v = tl.load(SRC + row * N + start + cols, mask=mask, other=0.0).to(ACC)
+            _norm_store(W, B, Y, row, start + cols, mask, N, v, mean, rstd, ACC, HAS_W, HAS_B)
     if not IS_RMS:
         tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
-def _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, ACC: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr):
     y = (v - mean) * rstd
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask).to(tl.float32)
+        y = y * tl.load(W + cols, mask=mask).to(ACC)
     if HAS_B:
-        y = y + tl.load(B + cols, mask=mask).to(tl.float32)
+        y = y + tl.load(B + cols, mask=mask).to(ACC)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -155,6 +159,7 @@ def _norm_bwd_kernel(
         RMSNorm:   dx = rstd * (g - mean(g * xhat) * xhat)
     plus dh (the gradient flowing into the pre-norm sum directly, prenorm blocks).
     """
+    ACC: tl.constexpr = RSTD.dtype.element_ty  # float32, or float64 for float64 inputs
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     first_row = pid.to(tl.int64) * rows_per_program
@@ -163,12 +168,12 @@ def _norm_bwd_kernel(
         mask = cols < N
         w = 1.0
         if HAS_W:
-            w = tl.load(W + cols, mask=mask).to(tl.float32)
-        dw = tl.zeros((BLOCK_N,), tl.float32)
-        db = tl.zeros((BLOCK_N,), tl.float32)
+            w = tl.load(W + cols, mask=mask).to(ACC)
+        dw = tl.zeros((BLOCK_N,), ACC)
+        db = tl.zeros((BLOCK_N,), ACC)
         for row in range(first_row, last_row):
-            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(ACC)
             mean = 0.0
             if not IS_RMS:
                 mean = tl.load(MEAN + row)
@@ -182,7 +187,7 @@ def _norm_bwd_kernel(
                 c2 = tl.sum(g, axis=0) / N
                 dx = (g - xhat * c1 - c2) * rstd
             if HAS_DH:
-                dx += tl.load(DH + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                dx += tl.load(DH + row * N + cols, mask=mask, other=0.0).to(ACC)
             tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
@@ -198,14 +203,14 @@ def _norm_bwd_kernel(
             if not IS_RMS:
                 mean = tl.load(MEAN + row)
             rstd = tl.load(RSTD + row)
-            sum_gx = tl.zeros((BLOCK_N,), tl.float32)
-            sum_g = tl.zeros((BLOCK_N,), tl.float32)
+            sum_gx = tl.zeros((BLOCK_N,), ACC)
+            sum_g = tl.zeros((BLOCK_N,), ACC)
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                x = tl.load(X + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * N + start + cols, mask=mask, other=0.0).to(ACC)
+                g = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(ACC)
                 if HAS_W:
-                    g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(ACC)
                 sum_gx += g * tl.where(mask, (x - mean) * rstd, 0.0)
                 sum_g += g
             c1 = tl.sum(sum_gx, axis=0) / N
@@ -214,13 +219,13 @@ def _norm_bwd_kernel(
                 c2 = tl.sum(sum_g, axis=0) / N
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
-                x = tl.load(X + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
-                g = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * N + start + cols, mask=mask, other=0.0).to(ACC)
+                g = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(ACC)
                 if HAS_W:
-                    g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(ACC)
                 dx = (g - (x - mean) * rstd * c1 - c2) * rstd
                 if HAS_DH:
-                    dx += tl.load(DH + row * N + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    dx += tl.load(DH + row * N + start + cols, mask=mask, other=0.0).to(ACC)
                 tl.store(DX + row * N + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -230,17 +235,18 @@ def _norm_bwd_weight_kernel(
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Partial dw, db of a block of columns over this program's rows (the looped path)."""
+    ACC: tl.constexpr = RSTD.dtype.element_ty
     pid, col_block = tl.program_id(0), tl.program_id(1)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     first_row = pid.to(tl.int64) * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, M)
-    dw = tl.zeros((BLOCK_N,), tl.float32)
-    db = tl.zeros((BLOCK_N,), tl.float32)
+    dw = tl.zeros((BLOCK_N,), ACC)
+    db = tl.zeros((BLOCK_N,), ACC)
     for row in range(first_row, last_row):
-        dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(ACC)
         if HAS_W:
-            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(ACC)
             mean = 0.0
             if not IS_RMS:
                 mean = tl.load(MEAN + row)
@@ -268,23 +274,25 @@ def _float64_bits(value: float) -> int:
 def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
     """y = norm(h) * weight + bias over the last dim of the 2-D, row-contiguous x.
 
-    x:        (M, N) float32 / float16 / bfloat16, rows contiguous.
+    x:        (M, N) float32 / float16 / bfloat16 / float64, rows contiguous.
     weight, bias: (N,) or None, any float dtype (float32 with low-precision x is fine).
     residual: (M, N) or None; seed: int64 one-element tensor on x's device, or None for
               no dropout; p: drop probability. With either, h = residual + dropout(x) is
-              formed in float32 and stored (float32 if residual_in_fp32, else in
-              residual's dtype, or x's without residual); the norm is taken of h.
+              formed in the accumulate dtype (float32; float64 for float64 x) and stored
+              (in that dtype if residual_in_fp32, else in residual's dtype, or x's without
+              residual); the norm is taken of h.
     Returns (y, h, mean, rstd): y like x; h, or an empty tensor when the norm input is x
-    itself; mean (float32 (M,), empty for RMSNorm) and rstd (float32 (M,)), which
+    itself; mean ((M,), empty for RMSNorm) and rstd ((M,)) in the accumulate dtype, which
     backward uses with the norm input.
     """
     M, N = x.shape
     fused = residual is not None or seed is not None
-    h_dtype = torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics: float32, float64 for float64
+    h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
     y = torch.empty_like(x)
     h = torch.empty((M, N) if fused else (0,), dtype=h_dtype, device=x.device)
-    mean = torch.empty((0,) if is_rms else (M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    mean = torch.empty((0,) if is_rms else (M,), dtype=acc_dtype, device=x.device)
+    rstd = torch.empty((M,), dtype=acc_dtype, device=x.device)
     if M == 0:
         return y, h, mean, rstd
     block_n, single_pass, num_warps = _block_n(N, x.element_size())
@@ -317,15 +325,15 @@ def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
     dy = dy.contiguous()
     dx = torch.empty_like(x)
     w_dtype = weight.dtype if weight is not None else x.dtype
-    if M == 0:
-        zeros = torch.zeros(N, dtype=w_dtype, device=x.device)
-        return dx, zeros if weight is not None else zeros[:0], zeros if has_bias else zeros[:0]
+    if M == 0:  # two distinct tensors: an op's outputs may not alias each other
+        return dx, *(torch.zeros(N if wanted else 0, dtype=w_dtype, device=x.device)
+                     for wanted in (weight is not None, has_bias))
     block_n, single_pass, num_warps = _block_n(N, x.element_size())
     programs = min(_programs(x.device), M)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)
-    dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
+    dw_partial = torch.empty((programs, N), dtype=rstd.dtype, device=x.device)
+    db_partial = torch.empty((programs, N), dtype=rstd.dtype, device=x.device)
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=has_bias)
     torch.library.wrap_triton(_norm_bwd_kernel)[(programs,)](
         dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,

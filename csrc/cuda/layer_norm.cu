@@ -26,8 +26,9 @@ int threads_for(int64_t n) {
   return threads;
 }
 
-__device__ __forceinline__ Welford shuffle_down(const Welford& s, int delta) {
-  Welford other;
+template <typename T>
+__device__ __forceinline__ WelfordState<T> shuffle_down(const WelfordState<T>& s, int delta) {
+  WelfordState<T> other;
   other.count = __shfl_down_sync(0xffffffff, s.count, delta);
   other.mean = __shfl_down_sync(0xffffffff, s.mean, delta);
   other.m2 = __shfl_down_sync(0xffffffff, s.m2, delta);
@@ -35,15 +36,20 @@ __device__ __forceinline__ Welford shuffle_down(const Welford& s, int delta) {
 }
 
 // Merge every thread's Welford state; the result is returned to all threads.
-__device__ Welford block_welford(Welford s) {
-  __shared__ Welford per_warp[32];
-  __shared__ Welford result;
+// (Shared arrays are declared as raw bytes: a templated __shared__ variable would need
+// one name per instantiation.)
+template <typename T>
+__device__ WelfordState<T> block_welford(WelfordState<T> s) {
+  __shared__ __align__(16) unsigned char per_warp_bytes[32 * sizeof(WelfordState<T>)];
+  __shared__ __align__(16) unsigned char result_bytes[sizeof(WelfordState<T>)];
+  auto* per_warp = reinterpret_cast<WelfordState<T>*>(per_warp_bytes);
+  auto& result = *reinterpret_cast<WelfordState<T>*>(result_bytes);
   for (int delta = 16; delta > 0; delta /= 2) s = welford_merge(s, shuffle_down(s, delta));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) per_warp[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : Welford{};
+    s = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : WelfordState<T>{};
     for (int delta = 16; delta > 0; delta /= 2) s = welford_merge(s, shuffle_down(s, delta));
     if (lane == 0) result = s;
   }
@@ -51,10 +57,18 @@ __device__ Welford block_welford(Welford s) {
   return result;
 }
 
-// Sum of two floats over the block, returned to all threads.
-__device__ float2 block_sum2(float2 v) {
-  __shared__ float2 per_warp[32];
-  __shared__ float2 result;
+template <typename T>
+struct Pair {
+  T x, y;
+};
+
+// Sum of two values over the block, returned to all threads.
+template <typename T>
+__device__ Pair<T> block_sum2(Pair<T> v) {
+  __shared__ __align__(16) unsigned char per_warp_bytes[32 * sizeof(Pair<T>)];
+  __shared__ __align__(16) unsigned char result_bytes[sizeof(Pair<T>)];
+  auto* per_warp = reinterpret_cast<Pair<T>*>(per_warp_bytes);
+  auto& result = *reinterpret_cast<Pair<T>*>(result_bytes);
   for (int delta = 16; delta > 0; delta /= 2) {
     v.x += __shfl_down_sync(0xffffffff, v.x, delta);
     v.y += __shfl_down_sync(0xffffffff, v.y, delta);
@@ -63,7 +77,7 @@ __device__ float2 block_sum2(float2 v) {
   if (lane == 0) per_warp[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : make_float2(0.f, 0.f);
+    v = lane < (blockDim.x + 31) / 32 ? per_warp[lane] : Pair<T>{T(0), T(0)};
     for (int delta = 16; delta > 0; delta /= 2) {
       v.x += __shfl_down_sync(0xffffffff, v.x, delta);
       v.y += __shfl_down_sync(0xffffffff, v.y, delta);
@@ -74,40 +88,41 @@ __device__ float2 block_sum2(float2 v) {
   return result;
 }
 
-template <typename scalar_t, typename h_t>
+template <typename scalar_t, typename h_t, typename acc_t = acc_type<scalar_t>>
 struct NormFwdParams {
   const scalar_t* x;
   const scalar_t* residual;  // nullptr: none
-  const float* weight;  // nullptr: none
-  const float* bias;  // nullptr: none
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;  // nullptr: none
   const int64_t* seed;  // nullptr: no dropout
   scalar_t* y;
   h_t* h;  // nullptr: not fused
-  float* mean;  // nullptr: RMSNorm
-  float* rstd;
+  acc_t* mean;  // nullptr: RMSNorm
+  acc_t* rstd;
   int64_t n;
-  float eps, scale;
+  acc_t eps, scale;
   uint64_t threshold;
 };
 
 template <typename scalar_t, typename h_t>
 __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.n;
   const uint64_t seed = p.seed ? static_cast<uint64_t>(*p.seed) : 0;
-  Welford state{};
-  float sum_squares = 0.f;
+  WelfordState<acc_t> state{};
+  acc_t sum_squares = 0;
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    float v = static_cast<float>(p.x[base + j]);
+    acc_t v = static_cast<acc_t>(p.x[base + j]);
     if (p.h) {
       if (p.seed) {
         const uint64_t position = static_cast<uint64_t>(base + j);
         const uint32_t word = philox4x32_10(position / 4, seed).w[position % 4];
-        v = v * (keep_element(word, p.threshold) ? p.scale : 0.f);
+        v = v * (keep_element(word, p.threshold) ? p.scale : acc_t(0));
       }
-      if (p.residual) v = static_cast<float>(p.residual[base + j]) + v;
+      if (p.residual) v = static_cast<acc_t>(p.residual[base + j]) + v;
       const h_t rounded = static_cast<h_t>(v);  // normalize what backward will read
       p.h[base + j] = rounded;
-      v = static_cast<float>(rounded);
+      v = static_cast<acc_t>(rounded);
     }
     if (p.mean) {
       state = welford_add(state, v);
@@ -115,18 +130,18 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
       sum_squares += v * v;
     }
   }
-  float mean = 0.f, variance;
+  acc_t mean = 0, variance;
   if (p.mean) {
-    const Welford total = block_welford(state);
+    const WelfordState<acc_t> total = block_welford(state);
     mean = total.mean;
     variance = total.m2 / p.n;
   } else {
-    variance = block_sum2(make_float2(sum_squares, 0.f)).x / p.n;
+    variance = block_sum2(Pair<acc_t>{sum_squares, acc_t(0)}).x / p.n;
   }
-  const float rstd = rsqrtf(variance + p.eps);
+  const acc_t rstd = acc_t(1) / sqrt(variance + p.eps);
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    const float v = p.h ? static_cast<float>(p.h[base + j]) : static_cast<float>(p.x[base + j]);
-    float out = (v - mean) * rstd;
+    const acc_t v = p.h ? static_cast<acc_t>(p.h[base + j]) : static_cast<acc_t>(p.x[base + j]);
+    acc_t out = (v - mean) * rstd;
     if (p.weight) out = out * p.weight[j];
     if (p.bias) out = out + p.bias[j];
     p.y[base + j] = static_cast<scalar_t>(out);
@@ -137,37 +152,38 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 struct NormBwdParams {
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* dh;  // nullptr: none
-  const float* weight;  // nullptr: none
-  const float* mean;  // nullptr: RMSNorm
-  const float* rstd;
+  const acc_t* weight;  // nullptr: none
+  const acc_t* mean;  // nullptr: RMSNorm
+  const acc_t* rstd;
   scalar_t* dx;
-  float* dw_partial;
-  float* db_partial;
+  acc_t* dw_partial;
+  acc_t* db_partial;
   int64_t m, n, chunk_rows;
 };
 
 template <typename scalar_t>
 __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t row = blockIdx.x, base = row * p.n;
-  const float mean = p.mean ? p.mean[row] : 0.f, rstd = p.rstd[row];
-  float2 sums = make_float2(0.f, 0.f);  // (sum g * xhat, sum g)
+  const acc_t mean = p.mean ? p.mean[row] : acc_t(0), rstd = p.rstd[row];
+  Pair<acc_t> sums{acc_t(0), acc_t(0)};  // (sum g * xhat, sum g)
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    const float g = static_cast<float>(p.dy[base + j]) * (p.weight ? p.weight[j] : 1.f);
-    sums.x += g * (static_cast<float>(p.x[base + j]) - mean) * rstd;
+    const acc_t g = static_cast<acc_t>(p.dy[base + j]) * (p.weight ? p.weight[j] : acc_t(1));
+    sums.x += g * (static_cast<acc_t>(p.x[base + j]) - mean) * rstd;
     sums.y += g;
   }
   sums = block_sum2(sums);
-  const float c1 = sums.x / p.n, c2 = p.mean ? sums.y / p.n : 0.f;
+  const acc_t c1 = sums.x / p.n, c2 = p.mean ? sums.y / p.n : acc_t(0);
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    const float g = static_cast<float>(p.dy[base + j]) * (p.weight ? p.weight[j] : 1.f);
-    const float xhat = (static_cast<float>(p.x[base + j]) - mean) * rstd;
-    float value = (g - xhat * c1 - c2) * rstd;
-    if (p.dh) value += static_cast<float>(p.dh[base + j]);
+    const acc_t g = static_cast<acc_t>(p.dy[base + j]) * (p.weight ? p.weight[j] : acc_t(1));
+    const acc_t xhat = (static_cast<acc_t>(p.x[base + j]) - mean) * rstd;
+    acc_t value = (g - xhat * c1 - c2) * rstd;
+    if (p.dh) value += static_cast<acc_t>(p.dh[base + j]);
     p.dx[base + j] = static_cast<scalar_t>(value);
   }
 }
@@ -175,15 +191,16 @@ __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
 // Column j of chunk c: sums of dy * xhat and dy over the chunk's rows.
 template <typename scalar_t>
 __global__ void norm_bwd_weight_kernel(NormBwdParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= p.n) return;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * p.chunk_rows;
   const int64_t last = min(first + p.chunk_rows, p.m);
-  float dw = 0.f, db = 0.f;
+  acc_t dw = 0, db = 0;
   for (int64_t row = first; row < last; ++row) {
-    const float dy = static_cast<float>(p.dy[row * p.n + j]);
-    const float mean = p.mean ? p.mean[row] : 0.f;
-    dw += dy * (static_cast<float>(p.x[row * p.n + j]) - mean) * p.rstd[row];
+    const acc_t dy = static_cast<acc_t>(p.dy[row * p.n + j]);
+    const acc_t mean = p.mean ? p.mean[row] : acc_t(0);
+    dw += dy * (static_cast<acc_t>(p.x[row * p.n + j]) - mean) * p.rstd[row];
     db += dy;
   }
   p.dw_partial[blockIdx.y * p.n + j] = dw;
@@ -201,30 +218,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
   const bool fused = residual.defined() || seed.has_value();
   NormOutputs out = allocate_norm_outputs(x, is_rms, fused, residual_in_fp32);
   if (x.numel() == 0) return {out.y, out.h, out.mean, out.rstd};
-  const at::Tensor w = param_as_float(weight), b = param_as_float(bias);
+  const at::Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_fwd_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     auto launch = [&](auto h_type_tag) {
       using h_t = decltype(h_type_tag);
       NormFwdParams<scalar_t, h_t> params;
       params.x = x.const_data_ptr<scalar_t>();
       params.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-      params.weight = w.defined() ? w.const_data_ptr<float>() : nullptr;
-      params.bias = b.defined() ? b.const_data_ptr<float>() : nullptr;
+      params.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+      params.bias = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
       params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
       params.y = out.y.mutable_data_ptr<scalar_t>();
       params.h = fused ? out.h.mutable_data_ptr<h_t>() : nullptr;
-      params.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<float>();
-      params.rstd = out.rstd.mutable_data_ptr<float>();
+      params.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
+      params.rstd = out.rstd.mutable_data_ptr<acc_t>();
       params.n = x.size(1);
-      params.eps = static_cast<float>(eps);
-      params.scale = static_cast<float>(keep_scale(p));
+      params.eps = static_cast<acc_t>(eps);
+      params.scale = static_cast<acc_t>(keep_scale(p));
       params.threshold = drop_threshold(p);
       norm_fwd_kernel<scalar_t, h_t><<<x.size(0), threads_for(params.n), 0, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (residual_in_fp32) {
-      launch(float{});
+      launch(acc_t{});
     } else {
       launch(scalar_t{});
     }
@@ -245,22 +263,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
   at::Tensor dx = at::empty_like(x);
   const int64_t chunk_rows = rows_per_chunk(m, kMaxWeightChunks);
   const int64_t chunks = m == 0 ? 1 : (m + chunk_rows - 1) / chunk_rows;
-  at::Tensor dw_partial = at::zeros({chunks, n}, x.options().dtype(at::kFloat));
-  at::Tensor db_partial = at::zeros({chunks, n}, x.options().dtype(at::kFloat));
-  const at::Tensor w = param_as_float(weight);
+  at::Tensor dw_partial = at::zeros({chunks, n}, x.options().dtype(acc_dtype(x)));
+  at::Tensor db_partial = at::zeros({chunks, n}, x.options().dtype(acc_dtype(x)));
+  const at::Tensor w = param_as_acc(weight, x);
   if (m > 0 && n > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
+      using acc_t = acc_type<scalar_t>;
       NormBwdParams<scalar_t> params;
       params.dy = dy.const_data_ptr<scalar_t>();
       params.x = x.const_data_ptr<scalar_t>();
       params.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
-      params.weight = w.defined() ? w.const_data_ptr<float>() : nullptr;
-      params.mean = is_rms ? nullptr : mean.const_data_ptr<float>();
-      params.rstd = rstd.const_data_ptr<float>();
+      params.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+      params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
+      params.rstd = rstd.const_data_ptr<acc_t>();
       params.dx = dx.mutable_data_ptr<scalar_t>();
-      params.dw_partial = dw_partial.mutable_data_ptr<float>();
-      params.db_partial = db_partial.mutable_data_ptr<float>();
+      params.dw_partial = dw_partial.mutable_data_ptr<acc_t>();
+      params.db_partial = db_partial.mutable_data_ptr<acc_t>();
       params.m = m;
       params.n = n;
       params.chunk_rows = chunk_rows;

@@ -35,29 +35,35 @@ inline void check_norm_fwd_args(const at::Tensor& x, const std::optional<at::Ten
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
 }
 
+// The dtype statistics (mean, rstd), parameters and weight-gradient partials are kept
+// in: float32, or float64 for float64 inputs (acc_type in fastreg/welford.h).
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline NormOutputs allocate_norm_outputs(const at::Tensor& x, bool is_rms, bool fused, bool residual_in_fp32) {
   const int64_t m = x.size(0), n = x.size(1);
-  const auto h_dtype = residual_in_fp32 ? at::kFloat : x.scalar_type();
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto h_dtype = residual_in_fp32 ? at::promote_types(x.scalar_type(), at::kFloat) : x.scalar_type();
+  const auto stats = x.options().dtype(acc_dtype(x));
   return NormOutputs{
       at::empty({m, n}, x.options()),
       fused ? at::empty({m, n}, x.options().dtype(h_dtype)) : at::empty({0}, x.options().dtype(h_dtype)),
-      at::empty({is_rms ? 0 : m}, f32),
-      at::empty({m}, f32),
+      at::empty({is_rms ? 0 : m}, stats),
+      at::empty({m}, stats),
   };
 }
 
-// Parameters in float32 (they are N elements: the copy is negligible), so the kernels
-// take one parameter type whatever the input's.
-inline at::Tensor param_as_float(const std::optional<at::Tensor>& param) {
-  return param.has_value() ? param->to(at::kFloat).contiguous() : at::Tensor();
+// Parameters in the accumulate dtype (they are N elements: the copy is negligible), so
+// the kernels take one parameter type whatever the input's.
+inline at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const at::Tensor& x) {
+  return param.has_value() ? param->to(acc_dtype(x)).contiguous() : at::Tensor();
 }
 
 inline void check_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
                                 const std::optional<at::Tensor>& dh) {
   TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes(), "fastreg::norm_bwd: 'dy' and 'x' must be 2-D of one shape");
-  TORCH_CHECK(rstd.numel() == x.size(0) && rstd.scalar_type() == at::kFloat,
-              "fastreg::norm_bwd: 'rstd' must be float32 with one value per row");
+  TORCH_CHECK(rstd.numel() == x.size(0) && rstd.scalar_type() == acc_dtype(x),
+              "fastreg::norm_bwd: 'rstd' must have one value per row, float32 (float64 for float64 'x')");
   if (dh.has_value()) {
     TORCH_CHECK(dh->sizes() == x.sizes(), "fastreg::norm_bwd: 'dh' must have x's shape");
   }
