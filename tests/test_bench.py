@@ -2,26 +2,38 @@
 
 import json
 
+import pytest
 import torch
 
 from fastreg.bench.__main__ import main
 from fastreg.bench.ops import OPS
 
 
-def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
-    assert main(["dropout", "--device", "cpu", "--quick", "--sizes", "4096", "--min-time", "0.01",
+@pytest.mark.parametrize("op, shape, text", [("dropout", [4096], "4,096"),
+                                             ("dropout_add_layer_norm", [64, 96], "64x96")])
+def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys, op, shape, text):
+    assert main([op, "--device", "cpu", "--quick", "--shapes", "x".join(map(str, shape)), "--min-time", "0.01",
                  "--out", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["dropout-quick.json", "dropout-quick.md", "dropout-quick.png"]
-    report = json.loads((tmp_path / "dropout-quick.json").read_text())
+    assert names == [f"{op}-quick.json", f"{op}-quick.md", f"{op}-quick.png"]
+    report = json.loads((tmp_path / f"{op}-quick.json").read_text())
     env = report["environment"]
     assert env["torch"] == torch.__version__ and env["device_type"] == "cpu" and "git_commit" in env
     providers = {r["provider"] for r in report["results"]}
     assert {"torch", "torch.compile"} <= providers
     assert {r["mode"] for r in report["results"]} == {"fwd", "bwd", "fwd+bwd"}
+    numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
     for row in report["results"]:
+        assert row["shape"] == shape
         if row["provider"] != "torch.compile":  # may be unavailable on a machine; reported, not fatal
             assert row["error"] is None and row["timing"]["median_ms"] > 0 and row["gbps"] > 0
-            assert row["min_bytes"] == OPS["dropout"].bytes_per_element[row["mode"]] * 4096 * 4
+            assert row["min_bytes"] == OPS[op].bytes_per_element[row["mode"]] * numel * 4
     assert report["copy_gbps"][0]["gbps"] > 0
-    assert "| dropout | fwd | 4,096 | float32 |" in capsys.readouterr().out
+    assert f"| {op} | fwd | {text} | float32 |" in capsys.readouterr().out
+
+
+def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
+    for op in OPS.values():
+        assert set(op.shapes) == {"cuda", "cpu"} and all(full and quick for full, quick in op.shapes.values())
+        assert set(op.bytes_per_element) == {"fwd", "bwd", "fwd+bwd"}
+        assert op.bytes_per_element["fwd+bwd"] == op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]

@@ -7,6 +7,7 @@
 
 #include "fastreg/dropout_args.h"
 #include "fastreg/philox.h"
+#include "vectorize.h"
 
 namespace fastreg {
 namespace {
@@ -37,37 +38,19 @@ struct DropoutArgs {
   }
 };
 
-// Philox calls computed together: a loop over independent counters that the compiler
-// vectorizes (AVX2 where the CPU has it, chosen at load time), running the shared
-// header's philox4x32_10 itself.
-constexpr int64_t kBatch = 16;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTREG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTREG_CPU_CLONES
-#endif
-
-// words[j * kBatch + k] = word j of Philox call first_counter + k
-FASTREG_CPU_CLONES void philox_batch(uint64_t first_counter, uint64_t seed, uint32_t* __restrict words) {
-  for (int64_t k = 0; k < kBatch; ++k) {
-    const Philox4 r = philox4x32_10(first_counter + k, seed);
-    for (int j = 0; j < 4; ++j) words[j * kBatch + k] = r.w[j];
-  }
-}
-
 // inner == 1: elements [4g, 4g + 4) take the four words of Philox call offset / 4 + g.
 template <typename scalar_t>
 void dropout_elementwise(const DropoutArgs<scalar_t>& a) {
   const int64_t groups = (a.numel + 3) / 4;
   const uint64_t first_counter = static_cast<uint64_t>(a.offset) / 4;
   at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
-    uint32_t words[4 * kBatch];
-    for (int64_t g0 = begin; g0 < end; g0 += kBatch) {
+    uint32_t words[4 * kPhiloxBatch];
+    for (int64_t g0 = begin; g0 < end; g0 += kPhiloxBatch) {
       philox_batch(first_counter + g0, a.seed, words);  // past `end`: words left unused
-      const int64_t first = 4 * g0, last = std::min(4 * std::min(g0 + kBatch, end), a.numel);
+      const int64_t first = 4 * g0, last = std::min(4 * std::min(g0 + kPhiloxBatch, end), a.numel);
       for (int64_t i = first; i < last; ++i) {
         const int64_t e = i - first;  // element e takes word e % 4 of call e / 4
-        a.apply(i, a.multiplier(words[(e % 4) * kBatch + e / 4]));
+        a.apply(i, a.multiplier(words[(e % 4) * kPhiloxBatch + e / 4]));
       }
     }
   });

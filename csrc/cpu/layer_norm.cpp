@@ -1,39 +1,119 @@
 // LayerNorm / RMSNorm on CPU tensors, forward (optionally of h = residual + dropout(x))
-// and backward. Rows run in parallel; each row's values are gathered once into a buffer
-// of the accumulate type (float, double for double inputs) and its statistics taken in
-// two passes over it.
+// and backward. Rows run in parallel. Arithmetic in the accumulate type (float, double
+// for double inputs); statistics in two passes over a row (L1-resident after the first)
+// with sums in vectorizable lanes (csrc/cpu/vectorize.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "fastreg/norm_args.h"
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
+#include "vectorize.h"
 
 namespace fastreg {
 namespace {
 
-constexpr int64_t kMaxWeightChunks = 256;
+// A fixed split of the rows (not the thread count) for the dweight / dbias partials: a few
+// chunks per core, and few enough that the partials stay small.
+constexpr int64_t kMaxWeightChunks = 64;
 
-// Row statistics of v[0..n): (mean, rstd); mean is 0 for RMSNorm. The row is in a
-// buffer already, so two passes (the mean, then squared deviations from it) cost little
-// and are exact for large means; the sums are double.
-template <typename acc_t>
-std::pair<acc_t, acc_t> row_statistics(const acc_t* v, int64_t n, bool is_rms, double eps) {
-  double mean = 0.0;
-  if (!is_rms) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += v[j];
-    mean = sum / n;
+template <typename scalar_t, typename h_t>
+struct NormFwdArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* residual;  // nullptr: none
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;  // nullptr: none
+  scalar_t* y;
+  h_t* h;  // nullptr: not fused
+  acc_t* mean;  // nullptr: RMSNorm
+  acc_t* rstd;
+  int64_t n;
+  double eps;
+  bool dropout;
+  uint64_t seed, threshold;
+  acc_t scale;
+};
+
+// The row as acc_t values: x itself when it is stored as acc_t, else converted into buf.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline const acc_t* as_acc(const scalar_t* __restrict x, int64_t n, acc_t* __restrict buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(x[j]);
+    return buf;
   }
-  double sum_squares = 0.0;
+}
+
+// Statistics of the row v, then y. Two passes for the statistics, the second from L1:
+// the mean of v - v[0] (shifted, so a large mean costs no precision), then the squared
+// deviations from the mean.
+template <typename scalar_t, typename h_t, typename acc_t>
+__attribute__((always_inline)) inline void normalize_row(const NormFwdArgs<scalar_t, h_t>& a, int64_t row,
+                                                         const acc_t* __restrict v) {
+  const int64_t n = a.n;
+  acc_t mean = 0;
+  if (a.mean) {
+    const acc_t shift = v[0];
+    mean = shift + vector_sum(v, n, [&](auto value) { return value - shift; }) / n;
+  }
+  const acc_t m2 = vector_sum(v, n, [&](auto value) { return (value - mean) * (value - mean); });
+  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(m2) / n + a.eps));
+  scalar_t* __restrict y = a.y + row * n;
+  const acc_t* __restrict w = a.weight;
+  const acc_t* __restrict b = a.bias;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    constexpr int64_t W = kWidth<acc_t>;
+    if (w && b) {
+      for (; j + W <= n; j += W) store(y + j, (load(v + j) - mean) * rstd * load(w + j) + load(b + j));
+    } else if (w) {
+      for (; j + W <= n; j += W) store(y + j, (load(v + j) - mean) * rstd * load(w + j));
+    }
+  }
+  for (; j < n; ++j) {
+    acc_t out = (v[j] - mean) * rstd;
+    if (w) out = out * w[j];
+    if (b) out = out + b[j];
+    y[j] = static_cast<scalar_t>(out);
+  }
+  if (a.mean) a.mean[row] = mean;
+  a.rstd[row] = rstd;
+}
+
+// One row. Plain norm: straight from x. Fused: h = residual + dropout(x) is formed in v
+// (and stored), then normalized. v and multiplier are scratch rows.
+template <typename scalar_t, typename h_t>
+FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_t row,
+                                     acc_type<scalar_t>* __restrict v, acc_type<scalar_t>* __restrict multiplier) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = a.n, base = row * n;
+  const scalar_t* __restrict x = a.x + base;
+  if (a.h == nullptr) {
+    normalize_row(a, row, as_acc(x, n, v));
+    return;
+  }
+  if (a.dropout) {
+    keep_multipliers(static_cast<uint64_t>(base), n, a.seed, a.threshold, a.scale, multiplier);
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(x[j]) * multiplier[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(x[j]);
+  }
+  if (a.residual) {
+    const scalar_t* __restrict residual = a.residual + base;
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(residual[j]) + v[j];
+  }
+  h_t* __restrict h = a.h + base;
   for (int64_t j = 0; j < n; ++j) {
-    const double centered = v[j] - mean;
-    sum_squares += centered * centered;
+    h[j] = static_cast<h_t>(v[j]);
+    v[j] = static_cast<acc_t>(h[j]);  // normalize what backward will read
   }
-  return {static_cast<acc_t>(mean), static_cast<acc_t>(1.0 / std::sqrt(sum_squares / n + eps))};
+  normalize_row(a, row, static_cast<const acc_t*>(v));
 }
 
 template <typename scalar_t, typename h_t>
@@ -41,56 +121,97 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& seed, double p,
                    double eps, bool is_rms, NormOutputs& out) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t m = x.size(0), n = x.size(1);
-  const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  const scalar_t* res_data = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-  const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* b = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const bool fused = out.h.numel() > 0;
-  h_t* h_data = fused ? out.h.mutable_data_ptr<h_t>() : nullptr;
-  scalar_t* y = out.y.mutable_data_ptr<scalar_t>();
-  acc_t* mean_out = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
-  acc_t* rstd_out = out.rstd.mutable_data_ptr<acc_t>();
-  const bool dropout = seed.has_value();
-  const uint64_t seed_value = dropout ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  const uint64_t threshold = drop_threshold(p);
-  const acc_t scale = static_cast<acc_t>(keep_scale(p));
-
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> v(n), multiplier(dropout ? n : 0);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * n;
-      if (dropout) {  // one Philox call per 4 stream positions, positions base .. base + n
-        for (uint64_t group = base / 4; group * 4 < static_cast<uint64_t>(base + n); ++group) {
-          const Philox4 r = philox4x32_10(group, seed_value);
-          for (int lane = 0; lane < 4; ++lane) {
-            const int64_t j = static_cast<int64_t>(group * 4 + lane) - base;
-            if (j >= 0 && j < n) multiplier[j] = scale * static_cast<acc_t>(keep_element(r.w[lane], threshold));
-          }
-        }
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        acc_t value = static_cast<acc_t>(x_data[base + j]);
-        if (fused) {
-          if (dropout) value = value * multiplier[j];
-          if (res_data) value = static_cast<acc_t>(res_data[base + j]) + value;
-          const h_t rounded = static_cast<h_t>(value);  // normalize what backward will read
-          h_data[base + j] = rounded;
-          value = static_cast<acc_t>(rounded);
-        }
-        v[j] = value;
-      }
-      const auto [mean, rstd] = row_statistics(v.data(), n, is_rms, eps);
-      for (int64_t j = 0; j < n; ++j) {
-        acc_t out_value = (v[j] - mean) * rstd;
-        if (w) out_value = out_value * w[j];
-        if (b) out_value = out_value + b[j];
-        y[base + j] = static_cast<scalar_t>(out_value);
-      }
-      if (mean_out) mean_out[row] = mean;
-      rstd_out[row] = rstd;
-    }
+  NormFwdArgs<scalar_t, h_t> a;
+  a.x = x.const_data_ptr<scalar_t>();
+  a.residual = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+  a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  a.y = out.y.mutable_data_ptr<scalar_t>();
+  a.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
+  a.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
+  a.rstd = out.rstd.mutable_data_ptr<acc_t>();
+  a.n = x.size(1);
+  a.eps = eps;
+  a.dropout = seed.has_value();
+  a.seed = a.dropout ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  a.threshold = drop_threshold(p);
+  a.scale = static_cast<acc_t>(keep_scale(p));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
+  at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
+    const bool convert = a.h != nullptr || !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.dropout ? a.n : 0);
+    for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data());
   });
+}
+
+template <typename scalar_t>
+struct NormBwdArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* dh;  // nullptr: none
+  const acc_t* weight;  // nullptr: none
+  const acc_t* mean;  // nullptr: RMSNorm
+  const acc_t* rstd;
+  scalar_t* dx;
+  int64_t n;
+};
+
+// Rows [first, last): dx, and their dweight / dbias sums added into dw, db (one chunk's
+// partials). Two passes per row: the sums (with dw, db), then dx. With xhat = (x - mean)
+// * rstd and g = dy * w: dx = rstd * (g - mean(g * xhat) * xhat - mean(g)) (no mean(g)
+// term for RMSNorm), plus dh. x_buf and dy_buf are scratch rows.
+template <typename scalar_t>
+FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdArgs<scalar_t>& a, int64_t first, int64_t last,
+                                      acc_type<scalar_t>* __restrict dw, acc_type<scalar_t>* __restrict db,
+                                      acc_type<scalar_t>* __restrict x_buf, acc_type<scalar_t>* __restrict dy_buf) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  const int64_t n = a.n;
+  const acc_t* __restrict w = a.weight;
+  for (int64_t row = first; row < last; ++row) {
+    const acc_t* __restrict x = as_acc(a.x + row * n, n, x_buf);
+    const acc_t* __restrict dy = as_acc(a.dy + row * n, n, dy_buf);
+    const acc_t mean = a.mean ? a.mean[row] : acc_t(0), rstd = a.rstd[row];
+    V sum_gx = {}, sum_g = {};
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const V dy_j = load(dy + j), xhat = (load(x + j) - mean) * rstd;
+      const V g = w ? dy_j * load(w + j) : dy_j;
+      sum_gx += g * xhat;
+      sum_g += g;
+      store(dw + j, load(dw + j) + dy_j * xhat);
+      store(db + j, load(db + j) + dy_j);
+    }
+    acc_t gx_total = sum_lanes(sum_gx), g_total = sum_lanes(sum_g);
+    for (; j < n; ++j) {
+      const acc_t xhat = (x[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+      gx_total += g * xhat;
+      g_total += g;
+      dw[j] += dy[j] * xhat;
+      db[j] += dy[j];
+    }
+    const acc_t c1 = gx_total / n, c2 = a.mean ? g_total / n : acc_t(0);
+    scalar_t* __restrict dx = a.dx + row * n;
+    const scalar_t* __restrict dh = a.dh ? a.dh + row * n : nullptr;
+    j = 0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (; j + W <= n; j += W) {
+        const V dy_j = load(dy + j), xhat = (load(x + j) - mean) * rstd;
+        const V g = w ? dy_j * load(w + j) : dy_j;
+        V value = (g - xhat * c1 - c2) * rstd;
+        if (dh) value += load(dh + j);
+        store(dx + j, value);
+      }
+    }
+    for (; j < n; ++j) {
+      const acc_t xhat = (x[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+      acc_t value = (g - xhat * c1 - c2) * rstd;
+      if (dh) value += static_cast<acc_t>(dh[j]);
+      dx[j] = static_cast<scalar_t>(value);
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
@@ -133,39 +254,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   if (m > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      const scalar_t* dh_data = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
-      const acc_t* w_data = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      const acc_t* mean_data = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-      const acc_t* rstd_data = rstd.const_data_ptr<acc_t>();
-      scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+      NormBwdArgs<scalar_t> a;
+      a.dy = dy.const_data_ptr<scalar_t>();
+      a.x = x.const_data_ptr<scalar_t>();
+      a.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
+      a.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+      a.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
+      a.rstd = rstd.const_data_ptr<acc_t>();
+      a.dx = dx.mutable_data_ptr<scalar_t>();
+      a.n = n;
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        std::vector<acc_t> xhat(n), g(n);
+        const bool convert = !std::is_same_v<scalar_t, acc_t>;
+        std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0);
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          acc_t* dw = dw_partial.mutable_data_ptr<acc_t>() + chunk * n;
-          acc_t* db = db_partial.mutable_data_ptr<acc_t>() + chunk * n;
-          for (int64_t row = chunk * chunk_rows; row < std::min(m, (chunk + 1) * chunk_rows); ++row) {
-            const int64_t base = row * n;
-            const acc_t mean_row = mean_data ? mean_data[row] : acc_t(0), rstd_row = rstd_data[row];
-            double sum_gx = 0.0, sum_g = 0.0;
-            for (int64_t j = 0; j < n; ++j) {
-              const acc_t dy_j = static_cast<acc_t>(dy_data[base + j]);
-              xhat[j] = (static_cast<acc_t>(x_data[base + j]) - mean_row) * rstd_row;
-              g[j] = w_data ? dy_j * w_data[j] : dy_j;
-              sum_gx += static_cast<double>(g[j]) * xhat[j];
-              sum_g += g[j];
-              dw[j] += dy_j * xhat[j];
-              db[j] += dy_j;
-            }
-            const acc_t c1 = static_cast<acc_t>(sum_gx / n);
-            const acc_t c2 = is_rms ? acc_t(0) : static_cast<acc_t>(sum_g / n);
-            for (int64_t j = 0; j < n; ++j) {
-              acc_t value = (g[j] - xhat[j] * c1 - c2) * rstd_row;
-              if (dh_data) value += static_cast<acc_t>(dh_data[base + j]);
-              dx_data[base + j] = static_cast<scalar_t>(value);
-            }
-          }
+          norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows),
+                        dw_partial.mutable_data_ptr<acc_t>() + chunk * n,
+                        db_partial.mutable_data_ptr<acc_t>() + chunk * n, x_buf.data(), dy_buf.data());
         }
       });
     });

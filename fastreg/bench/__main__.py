@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="output folder (default: bench/results/<device>)")
     parser.add_argument("--backends", nargs="+", help="fastreg backends to time (default: those that run natively)")
     parser.add_argument("--modes", nargs="+", choices=runner.MODES, default=list(runner.MODES))
-    parser.add_argument("--sizes", nargs="+", type=int, help="element counts, replacing the op's own")
+    parser.add_argument("--shapes", nargs="+", type=runner.parse_shape,
+                        help="shapes of the main input (4096, 8192x1024), replacing the op's own")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per CPU measurement")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
 
     ops = args.ops or sorted(OPS)
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
-    rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.sizes,
+    rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
                                  args.modes, args.min_time)
     env = runner.environment(args.device)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")

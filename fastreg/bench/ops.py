@@ -1,8 +1,8 @@
 """What the benchmark measures, op by op: sizes, modes, the minimum-bytes model, providers.
 
 Adding an op is adding one `BenchOp` to `OPS`. Its byte model gives, per mode, the bytes
-per element a kernel must move at the least (E = element size), the figure behind the
-GB/s column; see the table in the engineering guide.
+per element of the main input a kernel must move at the least (E = element size), the
+figure behind the GB/s column; see the table in the engineering guide.
 """
 
 from dataclasses import dataclass
@@ -16,38 +16,77 @@ import fastreg
 Fn = Callable[[], object]
 
 
+Shape = tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class BenchOp:
+    """One op to time. `make_inputs(shape, dtype, device)` builds its tensor arguments (the
+    first is the main input, whose element count the byte model scales with);
+    `fastreg_fn` and `torch_fn` take them and return one tensor."""
+
     name: str
     bytes_per_element: dict[str, float]  # mode -> minimum bytes per element, in units of E
-    sizes: dict[str, tuple[list[int], list[int]]]  # device -> (full, quick) element counts
-    fastreg_fn: Callable[[torch.Tensor], torch.Tensor]  # the op as fastreg runs it
-    torch_fn: Callable[[torch.Tensor], torch.Tensor]  # the same op in eager PyTorch
+    shapes: dict[str, tuple[list[Shape], list[Shape]]]  # device -> (full, quick) main-input shapes
+    fastreg_fn: Callable[..., torch.Tensor]  # the op as fastreg runs it
+    torch_fn: Callable[..., torch.Tensor]  # the same op in eager PyTorch
+    make_inputs: Callable[[Shape, torch.dtype, str], tuple[torch.Tensor, ...]] = None
+
+    def inputs(self, shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+        if self.make_inputs is None:
+            return (torch.randn(shape, device=device).to(dtype),)
+        return self.make_inputs(shape, dtype, device)
 
     def min_bytes(self, mode: str, numel: int, dtype: torch.dtype) -> float:
         return self.bytes_per_element[mode] * numel * dtype.itemsize
 
 
-def make_callable(fn, mode: str, numel: int, dtype: torch.dtype, device: str) -> Fn:
-    """A no-argument callable running `mode` of the elementwise op `fn` on fresh inputs.
+def make_callable(op: BenchOp, fn, mode: str, shape: Shape, dtype: torch.dtype, device: str) -> Fn:
+    """A no-argument callable running `mode` of `fn` (op's fastreg_fn or torch_fn) on fresh inputs.
 
-    fwd:      y = fn(x)
-    bwd:      the gradient of a precomputed y (autograd.grad, nothing accumulated)
+    fwd:      y = fn(*inputs), no autograd graph
+    bwd:      the gradients of a precomputed y with respect to every floating-point input
+              (autograd.grad, nothing accumulated)
     fwd+bwd:  both, as a training step runs them
     """
-    x = torch.randn(numel, dtype=dtype, device=device, requires_grad=mode != "fwd")
-    grad = torch.randn(numel, dtype=dtype, device=device)
+    inputs = op.inputs(shape, dtype, device)
     if mode == "fwd":
-        return lambda: fn(x)
+        return lambda: fn(*inputs)
+    for t in inputs:
+        t.requires_grad_(t.is_floating_point())
+    differentiable = [t for t in inputs if t.requires_grad]
+    grad = torch.randn_like(fn(*inputs))
     if mode == "bwd":
-        y = fn(x)
-        return lambda: torch.autograd.grad(y, x, grad, retain_graph=True)
+        y = fn(*inputs)
+        return lambda: torch.autograd.grad(y, differentiable, grad, retain_graph=True)
     if mode == "fwd+bwd":
-        return lambda: torch.autograd.grad(fn(x), x, grad)
+        return lambda: torch.autograd.grad(fn(*inputs), differentiable, grad)
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def _rows_and_params(shape, dtype, device, residual=False, bias=True):
+    """(x[, residual], weight[, bias]) for a norm over the last dim of `shape`."""
+    n = shape[-1]
+    tensors = [torch.randn(shape, device=device).to(dtype)]
+    if residual:
+        tensors.append(torch.randn(shape, device=device).to(dtype))
+    tensors.append(torch.randn(n, device=device).to(dtype))
+    if bias:
+        tensors.append(torch.randn(n, device=device).to(dtype))
+    return tuple(tensors)
+
+
 DROPOUT_P = 0.5
+FUSED_P = 0.1
+EPS = 1e-5
+# GPU rows: M = 8192 rows of the hidden sizes of common transformers
+NORM_SHAPES = {"cuda": ([(8192, n) for n in (1024, 4096, 8192, 32768)], [(8192, 4096)]),
+               "cpu": ([(4096, 1024), (1024, 8192)], [(4096, 1024)])}
+
+
+def _dropout_add_layer_norm_eager(x, residual, weight, bias):
+    return torch_F.layer_norm(torch_F.dropout(x, FUSED_P) + residual, x.shape[-1:], weight, bias, EPS)
+
 
 OPS = {
     op.name: op
@@ -56,9 +95,38 @@ OPS = {
             name="dropout",
             # the mask is regenerated, never stored: read x, write y; read dy, write dx
             bytes_per_element={"fwd": 2, "bwd": 2, "fwd+bwd": 4},
-            sizes={"cuda": ([2**24, 2**26], [2**24]), "cpu": ([2**22], [2**20])},
+            shapes={"cuda": ([(2**24,), (2**26,)], [(2**24,)]), "cpu": ([(2**22,)], [(2**20,)])},
             fastreg_fn=lambda x: fastreg.functional.dropout(x, DROPOUT_P, training=True),
             torch_fn=lambda x: torch_F.dropout(x, DROPOUT_P, training=True),
+        ),
+        BenchOp(
+            name="layer_norm",
+            # read x, write y; read x and dy, write dx (weight, bias and their gradients
+            # are one row each: negligible)
+            bytes_per_element={"fwd": 2, "bwd": 3, "fwd+bwd": 5},
+            shapes=NORM_SHAPES,
+            make_inputs=_rows_and_params,
+            fastreg_fn=lambda x, w, b: fastreg.functional.layer_norm(x, x.shape[-1:], w, b, EPS),
+            torch_fn=lambda x, w, b: torch_F.layer_norm(x, x.shape[-1:], w, b, EPS),
+        ),
+        BenchOp(
+            name="rms_norm",
+            bytes_per_element={"fwd": 2, "bwd": 3, "fwd+bwd": 5},
+            shapes=NORM_SHAPES,
+            make_inputs=lambda shape, dtype, device: _rows_and_params(shape, dtype, device, bias=False),
+            fastreg_fn=lambda x, w: fastreg.functional.rms_norm(x, x.shape[-1:], w, EPS),
+            torch_fn=lambda x, w: torch_F.rms_norm(x, x.shape[-1:], w, EPS),
+        ),
+        BenchOp(
+            name="dropout_add_layer_norm",
+            # y = layer_norm(residual + dropout(x)) as a training step needs it: read x and
+            # residual, write y and h (h is saved for backward; the mask is regenerated);
+            # read dy and h, write dresidual and dx
+            bytes_per_element={"fwd": 4, "bwd": 4, "fwd+bwd": 8},
+            shapes=NORM_SHAPES,
+            make_inputs=lambda shape, dtype, device: _rows_and_params(shape, dtype, device, residual=True),
+            fastreg_fn=lambda x, r, w, b: fastreg.functional.dropout_add_layer_norm(x, r, w, b, FUSED_P, EPS),
+            torch_fn=_dropout_add_layer_norm_eager,
         ),
     ]
 }

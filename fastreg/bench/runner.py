@@ -14,6 +14,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
+import math
+
 import torch
 
 import fastreg
@@ -34,6 +36,7 @@ class Timing:
 class Row:
     op: str
     mode: str
+    shape: list[int]  # of the main input
     numel: int
     dtype: str
     provider: str
@@ -86,38 +89,52 @@ def _provider_fn(op, provider: str):
         return torch.compile(op.torch_fn)
     backend = provider.removeprefix("fastreg-")
 
-    def run(x):
+    def run(*inputs):
         with fastreg.use_backend(backend):
-            return op.fastreg_fn(x)
+            return op.fastreg_fn(*inputs)
 
     return run
 
 
-def run(ops, device, dtypes, quick, backends=None, sizes=None, modes=MODES, min_time=0.5, log=sys.stderr):
+def format_shape(shape) -> str:
+    """4,194,304 for one dim, 8192x1024 for more."""
+    return f"{shape[0]:,}" if len(shape) == 1 else "x".join(map(str, shape))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'4096' -> (4096,), '8192x1024' -> (8192, 1024)."""
+    return tuple(int(d) for d in text.lower().split("x"))
+
+
+def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=MODES, min_time=0.5, log=sys.stderr):
     """Measure everything; returns (rows, copy GB/s per (numel, dtype))."""
+    # "bwd" runs backward over one graph again and again (retain_graph), which compiled
+    # graphs that donate their saved buffers refuse
+    torch._functorch.config.donated_buffer = False
     plan = []
     for name in ops:
         op = OPS[name]
-        full, quick_sizes = op.sizes[device]
-        for numel in sizes or (quick_sizes if quick else full):
+        full, quick_shapes = op.shapes[device]
+        for shape in shapes or (quick_shapes if quick else full):
             for dtype in dtypes:
                 for mode in modes:
                     for provider in providers(device, backends):
-                        plan.append((op, mode, numel, dtype, provider))
+                        plan.append((op, mode, tuple(shape), dtype, provider))
     if backends is None and device == "cpu":
         print("note: triton on CPU runs in the interpreter; skipped (ask with --backends triton)", file=log)
 
     copy_gbps, rows, compiled = {}, [], {}
-    for index, (op, mode, numel, dtype, provider) in enumerate(plan, 1):
+    for index, (op, mode, shape, dtype, provider) in enumerate(plan, 1):
+        numel = math.prod(shape)
         if (numel, dtype) not in copy_gbps:
             copy_gbps[(numel, dtype)] = copy_bandwidth(numel, dtype, device, min_time)
         key = (op.name, provider)
         if key not in compiled:
             compiled[key] = _provider_fn(op, provider)
-        row = Row(op.name, mode, numel, str(dtype).removeprefix("torch."), provider,
+        row = Row(op.name, mode, list(shape), numel, str(dtype).removeprefix("torch."), provider,
                   op.min_bytes(mode, numel, dtype), None)
         try:
-            fn = make_callable(compiled[key], mode, numel, dtype, device)
+            fn = make_callable(op, compiled[key], mode, shape, dtype, device)
             fn()  # warm up (compiles)
             row.timing = time_fn(fn, device, min_time)
             row.gbps = row.min_bytes / row.timing.median_ms / 1e6
@@ -126,11 +143,12 @@ def run(ops, device, dtypes, quick, backends=None, sizes=None, modes=MODES, min_
             row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         rows.append(row)
         result = f"{row.gbps:8.1f} GB/s" if row.timing else f"n/a ({row.error})"
-        print(f"[{index}/{len(plan)}] {op.name} {mode} {numel:,} {row.dtype} {provider}: {result}", file=log, flush=True)
+        print(f"[{index}/{len(plan)}] {op.name} {mode} {format_shape(shape)} {row.dtype} {provider}: {result}",
+              file=log, flush=True)
 
-    eager = {(r.op, r.mode, r.numel, r.dtype): r for r in rows if r.provider == "torch" and r.timing}
+    eager = {(r.op, r.mode, tuple(r.shape), r.dtype): r for r in rows if r.provider == "torch" and r.timing}
     for row in rows:
-        reference = eager.get((row.op, row.mode, row.numel, row.dtype))
+        reference = eager.get((row.op, row.mode, tuple(row.shape), row.dtype))
         if row.timing and reference:
             row.vs_eager = reference.timing.median_ms / row.timing.median_ms
     return rows, copy_gbps
@@ -180,7 +198,7 @@ def markdown(rows, copy_gbps, env) -> str:
         f"Device: {env['device']} ({env['threads']} threads) | torch {env['torch']} | triton {env['triton']} | "
         f"CUDA {env['cuda']} | commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}",
         "",
-        "| op | mode | elements | dtype | provider | time (ms) | GB/s | % of copy | x torch eager |",
+        "| op | mode | shape | dtype | provider | time (ms) | GB/s | % of copy | x torch eager |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -189,7 +207,8 @@ def markdown(rows, copy_gbps, env) -> str:
         else:
             cells = [f"{r.timing.median_ms:.4f}", f"{r.gbps:.1f}", f"{100 * r.copy_share:.0f}%",
                      f"{r.vs_eager:.2f}" if r.vs_eager else ""]
-        lines.append(f"| {r.op} | {r.mode} | {r.numel:,} | {r.dtype} | {r.provider} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.op} | {r.mode} | {format_shape(r.shape)} | {r.dtype} | {r.provider} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Copy bandwidth in this run: " + ", ".join(
         f"{numel:,} {str(dtype).removeprefix('torch.')}: {gbps:.1f} GB/s" for (numel, dtype), gbps in copy_gbps.items()))
@@ -202,9 +221,9 @@ def plot(rows, copy_gbps, env, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys((r.op, r.mode, r.numel, r.dtype) for r in rows))
+    cases = list(dict.fromkeys((r.op, r.mode, tuple(r.shape), r.dtype) for r in rows))
     names = list(dict.fromkeys(r.provider for r in rows))
-    by_key = {(r.op, r.mode, r.numel, r.dtype, r.provider): r for r in rows}
+    by_key = {(r.op, r.mode, tuple(r.shape), r.dtype, r.provider): r for r in rows}
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4.5))
     for k, provider in enumerate(names):
@@ -212,10 +231,11 @@ def plot(rows, copy_gbps, env, path):
         ax.bar([i + k * width for i in range(len(cases))], values, width, label=provider)
     copies = {(n, str(d).removeprefix("torch.")): g for (n, d), g in copy_gbps.items()}
     for i, case in enumerate(cases):
-        ax.hlines(copies[(case[2], case[3])], i - width / 2, i + 0.8 - width / 2, colors="black",
+        ax.hlines(copies[(math.prod(case[2]), case[3])], i - width / 2, i + 0.8 - width / 2, colors="black",
                   label="copy" if i == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"{op} {mode}\n{numel:,} {dtype}" for op, mode, numel, dtype in cases], fontsize=8)
+    ax.set_xticklabels([f"{op} {mode}\n{format_shape(shape)} {dtype}" for op, mode, shape, dtype in cases],
+                       fontsize=8)
     ax.set_ylabel("GB/s (minimum-bytes model)")
     ax.set_title(f"fastreg on {env['device']}", fontsize=10)
     ax.legend(fontsize=8)

@@ -1,0 +1,98 @@
+#pragma once
+// Helpers of the CPU kernels: functions cloned for AVX2 (picked at load time on CPUs
+// that have it), Philox calls in batches the compiler vectorizes, and sums in
+// independent lanes (a plain floating-point reduction cannot be vectorized without
+// reassociating it; kLanes separate accumulators can).
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "fastreg/philox.h"
+
+namespace fastreg {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTREG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTREG_CPU_CLONES
+#endif
+
+constexpr int64_t kPhiloxBatch = 16;
+
+// words[j * kPhiloxBatch + k] = word j of Philox call first_counter + k. Runs the shared
+// header's philox4x32_10 itself, over independent counters. A function of its own, cloned
+// for AVX2 (static: one copy per file): inlined into a longer loop nest, it stays scalar.
+static FASTREG_CPU_CLONES void philox_batch(uint64_t first_counter, uint64_t seed, uint32_t* __restrict words) {
+  for (int64_t k = 0; k < kPhiloxBatch; ++k) {
+    const Philox4 r = philox4x32_10(first_counter + k, seed);
+    for (int j = 0; j < 4; ++j) words[j * kPhiloxBatch + k] = r.w[j];
+  }
+}
+
+// multiplier[i] = scale if stream position first + i is kept, else 0, for i < count.
+template <typename T>
+inline void keep_multipliers(uint64_t first, int64_t count, uint64_t seed, uint64_t threshold, T scale,
+                             T* __restrict multiplier) {
+  uint32_t words[4 * kPhiloxBatch];
+  const uint64_t first_counter = first / 4, last = first + static_cast<uint64_t>(count);
+  for (uint64_t counter = first_counter; counter * 4 < last; counter += kPhiloxBatch) {
+    philox_batch(counter, seed, words);
+    for (int64_t e = 0; e < 4 * kPhiloxBatch; ++e) {  // e: position 4 * counter + e
+      const uint64_t position = 4 * counter + static_cast<uint64_t>(e);
+      if (position < first || position >= last) continue;
+      const bool keep = keep_element(words[(e % 4) * kPhiloxBatch + e / 4], threshold);
+      multiplier[position - first] = scale * static_cast<T>(keep);  // branch-free
+    }
+  }
+}
+
+// 32-byte vectors (GCC/Clang vector extensions): one AVX2 register in the AVX2 clones,
+// two SSE registers otherwise. Explicit, because GCC's vectorizer turns loops with
+// several reductions into shuffles and spills.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kWidth = 32 / sizeof(T);
+
+template <typename T>
+__attribute__((always_inline)) inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The lanes of a vector summed in a fixed order.
+template <typename V, typename T = std::remove_cvref_t<decltype(std::declval<V>()[0])>>
+__attribute__((always_inline)) inline T sum_lanes(V v) {
+  T total = 0;
+  for (int64_t k = 0; k < kWidth<T>; ++k) total += v[k];
+  return total;
+}
+
+// sum over i < n of f(v[i]) for a function f of a vector (or a scalar), in two vector
+// accumulators (hiding the add latency), in a fixed order.
+template <typename T, typename F>
+__attribute__((always_inline)) inline T vector_sum(const T* __restrict v, int64_t n, F f) {
+  constexpr int64_t W = kWidth<T>;
+  Vec<T> a0 = {}, a1 = {};
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    a0 += f(load(v + i));
+    a1 += f(load(v + i + W));
+  }
+  T total = sum_lanes(a0 + a1);
+  for (; i < n; ++i) total += f(v[i]);
+  return total;
+}
+
+}  // namespace fastreg
