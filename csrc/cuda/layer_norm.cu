@@ -255,17 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = dy_in.to(x.scalar_type()).contiguous();  // y's dtype may differ from h's
-  const at::Tensor dh = dh_in.has_value() ? dh_in->to(x.scalar_type()).contiguous() : at::Tensor();
-  const int64_t m = x.size(0), n = x.size(1);
-  const auto w_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  at::Tensor dx = at::empty_like(x);
-  const int64_t chunk_rows = rows_per_chunk(m, kMaxWeightChunks);
-  const int64_t chunks = m == 0 ? 1 : (m + chunk_rows - 1) / chunk_rows;
-  at::Tensor dw_partial = at::zeros({chunks, n}, x.options().dtype(acc_dtype(x)));
-  at::Tensor db_partial = at::zeros({chunks, n}, x.options().dtype(acc_dtype(x)));
-  const at::Tensor w = param_as_acc(weight, x);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, kMaxWeightChunks);
+  const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
+  at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
+  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
   if (m > 0 && n > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
@@ -292,10 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
       }
     });
   }
-  // second reduction over the chunks: deterministic
-  at::Tensor dw = weight.has_value() ? dw_partial.sum(0).to(w_dtype) : at::empty({0}, x.options().dtype(w_dtype));
-  at::Tensor db = has_bias ? db_partial.sum(0).to(w_dtype) : at::empty({0}, x.options().dtype(w_dtype));
-  return {dx, dw, db};
+  return finish_norm_bwd(buffers, weight, has_bias);
 }
 
 }  // namespace

@@ -76,4 +76,41 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
   return (rows + chunks - 1) / chunks;
 }
 
+// What a norm_bwd kernel reads and writes, prepared the same way on every device: the
+// contiguous inputs (dy and dh in the dtype of the norm input: y's may differ from h's),
+// dx, the weight in the accumulate dtype, and zeroed dweight / dbias partials, one row
+// per chunk of chunk_rows rows.
+struct NormBwdBuffers {
+  at::Tensor x, dy, dh, w, dx, dw_partial, db_partial;
+  int64_t m, n, chunk_rows;
+};
+
+inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& dh, int64_t max_chunks) {
+  NormBwdBuffers b;
+  b.x = x.contiguous();
+  b.dy = dy.to(x.scalar_type()).contiguous();
+  b.dh = dh.has_value() ? dh->to(x.scalar_type()).contiguous() : at::Tensor();
+  b.w = param_as_acc(weight, b.x);
+  b.dx = at::empty_like(b.x);
+  b.m = b.x.size(0);
+  b.n = b.x.size(1);
+  b.chunk_rows = rows_per_chunk(b.m, max_chunks);
+  const int64_t chunks = b.m == 0 ? 1 : (b.m + b.chunk_rows - 1) / b.chunk_rows;
+  b.dw_partial = at::zeros({chunks, b.n}, b.x.options().dtype(acc_dtype(b.x)));
+  b.db_partial = at::zeros({chunks, b.n}, b.x.options().dtype(acc_dtype(b.x)));
+  return b;
+}
+
+// (dx, dweight, dbias): the partials reduced over the chunks in order (deterministic),
+// in the weight's dtype; empty where there is no weight / bias.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_norm_bwd(const NormBwdBuffers& b,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       bool has_bias) {
+  const auto w_dtype = weight.has_value() ? weight->scalar_type() : b.x.scalar_type();
+  const auto empty = [&] { return at::empty({0}, b.x.options().dtype(w_dtype)); };
+  return {b.dx, weight.has_value() ? b.dw_partial.sum(0).to(w_dtype) : empty(),
+          has_bias ? b.db_partial.sum(0).to(w_dtype) : empty()};
+}
+
 }  // namespace fastreg
