@@ -26,13 +26,16 @@ TORCH_LIBRARY(fastreg, m) {
   // LayerNorm (is_rms=false) or RMSNorm of the rows of a 2-D, row-contiguous x, optionally
   // of h = residual + dropout(x) (when residual or seed is given; dropout on the same
   // stream as `dropout`, element (i, j) at position i * N + j). Returns (y, h, mean, rstd):
-  // h is empty unless fused; mean (empty for RMSNorm) and rstd are float32 per row.
+  // h is empty unless fused and store_h (backward needs it; inference may not); mean
+  // (empty for RMSNorm) and rstd per row, float32 (float64 for float64 x).
   m.def(
       "norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool is_rms, Tensor? residual=None, "
-      "Tensor? seed=None, float p=0.0, bool residual_in_fp32=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? seed=None, float p=0.0, bool residual_in_fp32=False, bool store_h=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients with respect to the norm input x (plus dh, the gradient reaching it directly),
-  // weight and bias (empty when absent). Deterministic: no atomics.
+  // weight and bias (empty when absent), and, with a seed, dropout(dx) with forward's mask
+  // (the gradient of the fused block's x; else empty). Deterministic: no atomics.
   m.def(
       "norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
-      "Tensor? dh=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dh=None, Tensor? seed=None, float p=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -90,15 +90,19 @@ if _HAVE_TRITON:
 
 
 # -------------------------------------------------------------- layer_norm / rms_norm
-# norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32) -> (y, h, mean, rstd)
-# over 2-D row-contiguous x; h = residual + dropout(x) when residual or seed is given.
+# norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32, store_h)
+#   -> (y, h, mean, rstd) over 2-D row-contiguous x; h = residual + dropout(x) when
+#   residual or seed is given (returned when store_h).
+# norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh, seed, p)
+#   -> (dx, dweight, dbias, dropout(dx) when seed is given)
 # Saved for backward: the norm input (x, or the h the op returned), weight, mean, rstd,
-# and the seed; the dropout mask is regenerated.
+# and the seed; the dropout mask is regenerated inside norm_bwd.
 
 
-def _norm_fwd_fake(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
+def _norm_fwd_fake(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False,
+                   store_h=True):
     M, N = x.shape
-    fused = residual is not None or seed is not None
+    fused = (residual is not None or seed is not None) and store_h
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics: float32, float64 for float64
     h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
     return (
@@ -109,62 +113,75 @@ def _norm_fwd_fake(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0
     )
 
 
-def _norm_bwd_fake(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
+def _norm_bwd_fake(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None, seed=None, p=0.0):
     N = x.shape[1]
     w_dtype = weight.dtype if weight is not None else x.dtype
     return (
         x.new_empty(x.shape),
         x.new_empty((N,) if weight is not None else (0,), dtype=w_dtype),
         x.new_empty((N,) if has_bias else (0,), dtype=w_dtype),
+        x.new_empty(x.shape if seed is not None else (0,)),
     )
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32 = inputs
+    x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32, store_h = inputs
     y, h, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused output (h, when not prenorm) gets no zeros to read
+    ctx.y_dtype = y.dtype
     ctx.fused = residual is not None or seed is not None
-    ctx.save_for_backward(h if ctx.fused else x, weight, mean, rstd, seed)
+    # h not stored (an inference call, differentiated anyway): keep x and residual, and
+    # recompute h in backward
+    ctx.recompute_h = ctx.fused and not store_h
+    ctx.eps, ctx.residual_in_fp32 = eps, residual_in_fp32
+    norm_input = x if not ctx.fused or ctx.recompute_h else h
+    ctx.save_for_backward(norm_input, weight, mean, rstd, seed, residual if ctx.recompute_h else None)
     ctx.is_rms, ctx.p, ctx.has_bias = is_rms, p, bias is not None
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
 
 
-def _make_norm_backward(norm_bwd_op, dropout_op):
+def _make_norm_backward(norm_fwd_op, norm_bwd_op):
     def backward(ctx, grad_y, grad_h, _grad_mean, _grad_rstd):
-        norm_input, weight, mean, rstd, seed = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = norm_bwd_op(
-            grad_y, norm_input, weight, mean, rstd, ctx.is_rms, ctx.has_bias, grad_h if ctx.fused else None
+        norm_input, weight, mean, rstd, seed, residual = ctx.saved_tensors
+        if ctx.recompute_h:
+            norm_input = norm_fwd_op(norm_input, weight, None, ctx.eps, ctx.is_rms, residual, seed, ctx.p,
+                                     ctx.residual_in_fp32, True)[1]
+        if grad_y is None:  # only h was used
+            grad_y = torch.zeros(norm_input.shape, dtype=ctx.y_dtype, device=norm_input.device)
+        # grad_h is None when h went unused (or was not returned)
+        grad_h = grad_h if ctx.fused and not ctx.recompute_h else None
+        grad_input, grad_weight, grad_bias, grad_input_dropped = norm_bwd_op(
+            grad_y, norm_input, weight, mean, rstd, ctx.is_rms, ctx.has_bias, grad_h, seed, ctx.p,
         )
         grad_x, grad_residual = grad_input, None
         if ctx.fused:
             if ctx.residual_dtype is not None:
                 grad_residual = grad_input.to(ctx.residual_dtype)
-            if seed is not None:  # through the dropout: the same mask, regenerated
-                grad_x = dropout_op(grad_input, seed, ctx.p)
+            if seed is not None:  # through the dropout, in the same pass: forward's mask, regenerated
+                grad_x = grad_input_dropped
             grad_x = grad_x.to(ctx.x_dtype)
         return (
             grad_x,
             grad_weight if weight is not None else None,
             grad_bias if ctx.has_bias else None,
-            None, None, grad_residual, None, None, None,
+            None, None, grad_residual, None, None, None, None,
         )
 
     return backward
 
 
-def _register_norm_autograd(op_name, norm_bwd_op, dropout_op):
+def _register_norm_autograd(op_name, norm_fwd_op, norm_bwd_op):
     torch.library.register_autograd(
-        op_name, _make_norm_backward(norm_bwd_op, dropout_op), setup_context=_norm_setup_context
+        op_name, _make_norm_backward(norm_fwd_op, norm_bwd_op), setup_context=_norm_setup_context
     )
 
 
 if _ext.defines("norm_fwd"):
     torch.library.register_fake("fastreg::norm_fwd", _norm_fwd_fake)
     torch.library.register_fake("fastreg::norm_bwd", _norm_bwd_fake)
-    _register_norm_autograd(
-        "fastreg::norm_fwd", torch.ops.fastreg.norm_bwd.default, torch.ops.fastreg.dropout.default
-    )
+    _register_norm_autograd("fastreg::norm_fwd", torch.ops.fastreg.norm_fwd.default, torch.ops.fastreg.norm_bwd.default)
 
 
 if _HAVE_TRITON:
@@ -181,8 +198,9 @@ if _HAVE_TRITON:
         seed: torch.Tensor | None = None,
         p: float = 0.0,
         residual_in_fp32: bool = False,
+        store_h: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_norm.norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32)
+        return _triton_norm.norm_fwd(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32, store_h)
 
     @torch.library.triton_op("fastreg::norm_bwd_triton", mutates_args=())
     def norm_bwd_triton(
@@ -194,13 +212,15 @@ if _HAVE_TRITON:
         is_rms: bool,
         has_bias: bool,
         dh: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _triton_norm.norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh)
+        seed: torch.Tensor | None = None,
+        p: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_norm.norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh, seed, p)
 
     norm_fwd_triton.register_fake(_norm_fwd_fake)
     norm_bwd_triton.register_fake(_norm_bwd_fake)
     _register_norm_autograd(
-        "fastreg::norm_fwd_triton", torch.ops.fastreg.norm_bwd_triton.default, torch.ops.fastreg.dropout_triton.default
+        "fastreg::norm_fwd_triton", torch.ops.fastreg.norm_fwd_triton.default, torch.ops.fastreg.norm_bwd_triton.default
     )
 
 

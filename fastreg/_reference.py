@@ -69,7 +69,7 @@ def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None):
     return v.to(x.dtype)
 
 
-def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
+def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False, store_h=True):
     """LayerNorm / RMSNorm of the rows of 2-D x, optionally of h = residual + dropout(x).
 
     Same contract as the kernels' norm_fwd: returns (y, h or empty, mean or empty, rstd),
@@ -100,4 +100,4 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
         normalized = normalized * weight.to(acc_dtype)
     if bias is not None:
         normalized = normalized + bias.to(acc_dtype)
-    return normalized.to(x.dtype), h, mean.detach(), rstd.detach()
+    return normalized.to(x.dtype), h if store_h else h.new_empty(0), mean.detach(), rstd.detach()

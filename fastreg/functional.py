@@ -191,14 +191,21 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     residual_rows = residual.reshape(-1, n).contiguous() if residual is not None else None
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
+    # h is written only when it is returned or backward will need it
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias))
     y, h, _, _ = _ops.impl("norm_fwd", backend)(
         rows,
         weight.reshape(-1) if weight is not None else None,
         bias.reshape(-1) if bias is not None else None,
         float(eps), is_rms, residual_rows, seed, p if seed is not None else 0.0, residual_in_fp32,
+        prenorm or needs_grad,
     )
     y = y.view(x.shape)
-    return (y, h.view(x.shape)) if prenorm else y
+    if not prenorm:
+        return y
+    fused = residual is not None or seed is not None
+    return y, h.view(x.shape) if fused else x  # without residual or dropout, h is x
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:

@@ -36,4 +36,5 @@ def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
     for op in OPS.values():
         assert set(op.shapes) == {"cuda", "cpu"} and all(full and quick for full, quick in op.shapes.values())
         assert set(op.bytes_per_element) == {"fwd", "bwd", "fwd+bwd"}
-        assert op.bytes_per_element["fwd+bwd"] == op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]
+        # a training forward may write more than an inference one (what backward reads)
+        assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]

@@ -229,6 +229,20 @@ def test_dropout_add_norm_matches_unfused_sequence(backend, dtype, is_rms, resid
         torch.testing.assert_close(g.float(), expected, atol=BACKWARD_ATOL_FACTOR * atol * 12**0.5, rtol=0.03)
 
 
+def test_gradient_through_h_alone(backend):
+    """prenorm with only h used: dx = mask / (1 - p), dresidual = 1 (no zeros for the unused output)."""
+    name, device = backend
+    x, residual = (torch.randn(6, 36, device=device, requires_grad=True) for _ in range(2))
+    weight = torch.randn(36, device=device)
+    torch.manual_seed(4)
+    _, h = F.dropout_add_rms_norm(x, residual, weight, 0.25, prenorm=True)
+    h.sum().backward()
+    torch.manual_seed(4)
+    keep = _reference.keep_mask(x.shape, _rng.new_seed(torch.device(device)), 0.25)
+    torch.testing.assert_close(x.grad, keep.float() / 0.75)
+    assert torch.equal(residual.grad, torch.ones_like(residual))
+
+
 def test_dropout_add_norm_without_residual_and_in_eval(backend):
     name, device = backend
     x = torch.randn(6, 32, device=device, requires_grad=True)
@@ -261,10 +275,37 @@ def test_opcheck(kernel_backend):
     residual = torch.randn(5, 24, device=device, requires_grad=True)
     seed = torch.tensor(3, device=device)
     for args in ((x, w, b, 1e-5, False), (x, w, None, 1e-5, True), (x, None, None, 1e-5, False, residual, seed, 0.3),
-                 (x, w, b, 1e-5, False, residual, None, 0.0, True)):
+                 (x, w, b, 1e-5, False, residual, None, 0.0, True), (x, w, b, 1e-5, False, residual, seed, 0.3, False, False)):
+        # (the last: inference, h not stored; autograd registration is still checked)
         torch.library.opcheck(fwd, args, test_utils=utils)
     y, h, mean, rstd = fwd(x.detach(), w.detach(), b.detach(), 1e-5, False)
-    torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd, False, True), test_utils=utils)
+    dy, xd, wd = torch.randn_like(y), x.detach(), w.detach()
+    torch.library.opcheck(bwd, (dy, xd, wd, mean, rstd, False, True), test_utils=utils)
+    torch.library.opcheck(bwd, (dy, xd, wd, mean, rstd, False, True, torch.randn_like(y), seed, 0.3), test_utils=utils)
+
+
+def test_fused_inference_skips_h_and_matches_training_output(backend):
+    """Without grad and prenorm, h is not written; the output is that of the training path."""
+    name, device = backend
+    x, residual = torch.randn(5, 40, device=device), torch.randn(5, 40, device=device)
+    weight, bias = torch.randn(40, device=device), torch.randn(40, device=device)
+    fwd = _ops.impl("norm_fwd", name)
+    seed = torch.tensor(5, device=device)
+    y_stored, h, _, _ = fwd(x, weight, bias, 1e-5, False, residual, seed, 0.2, False, True)
+    y_inference, h_skipped, _, _ = fwd(x, weight, bias, 1e-5, False, residual, seed, 0.2, False, False)
+    assert h.shape == (5, 40) and h_skipped.numel() == 0
+    assert torch.equal(y_stored, y_inference)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = F.dropout_add_layer_norm(x, residual, weight, bias, 0.2)
+    torch.manual_seed(3)
+    torch.testing.assert_close(F.dropout_add_layer_norm(x, residual, weight, bias, 0.2), expected, rtol=0, atol=0)
+    # differentiated anyway, it recomputes h: the same gradients
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    stored = torch.autograd.grad(fwd(x, weight, bias, 1e-5, False, residual, seed, 0.2, False, True)[0], x, grad)
+    recomputed = torch.autograd.grad(fwd(x, weight, bias, 1e-5, False, residual, seed, 0.2, False, False)[0], x, grad)
+    assert torch.equal(stored[0], recomputed[0])
 
 
 def test_gradcheck_fp64(backend):

@@ -55,8 +55,9 @@ def _philox_word(position, seed):
 
 @triton.jit
 def _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC: tl.constexpr,
-                HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr):
-    """The values (in ACC) the norm sees: x, or h = residual + dropout(x) (stored, rounded to H's dtype)."""
+                HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, FUSED: tl.constexpr, STORE_H: tl.constexpr):
+    """The values (in ACC) the norm sees: x, or h = residual + dropout(x) rounded to H's dtype
+    (what backward reads), stored when STORE_H."""
     offsets = row * N + cols
     v = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
     if HAS_DROPOUT:
@@ -64,10 +65,11 @@ def _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC: tl.c
         v = v * tl.where(keep, scale, 0.0)
     if HAS_RES:
         v = tl.load(RES + offsets, mask=mask, other=0.0).to(ACC) + v
-    if STORE_H:
+    if FUSED:
         h = v.to(H.dtype.element_ty)
-        tl.store(H + offsets, h, mask=mask)
-        v = h.to(ACC)  # normalize what backward will read
+        if STORE_H:
+            tl.store(H + offsets, h, mask=mask)
+        v = h.to(ACC)
     return v
 
 
@@ -76,7 +78,8 @@ def _norm_fwd_kernel(
     X, RES, W, B, Y, H, MEAN, RSTD, SEED,
     N, eps, threshold, scale_bits,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FUSED: tl.constexpr, STORE_H: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     ACC: tl.constexpr = RSTD.dtype.element_ty  # float32, or float64 for float64 inputs
     row = tl.program_id(0).to(tl.int64)
@@ -87,7 +90,8 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_PASS:
         mask = cols < N
-        v = _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC, HAS_RES, HAS_DROPOUT, STORE_H)
+        v = _norm_input(X, RES, H, row, cols, mask, N, seed, threshold, scale, ACC, HAS_RES, HAS_DROPOUT,
+                        FUSED, STORE_H)
         if IS_RMS:
             mean = 0.0
             rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
@@ -97,18 +101,18 @@ def _norm_fwd_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
         _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, ACC, HAS_W, HAS_B)
     else:
-        # pass 1: mean (or mean square); h is written here and re-read below
+        # pass 1: mean (or mean square); h (when fused) is written here and re-read below
         total = tl.zeros((BLOCK_N,), ACC)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
             v = _norm_input(X, RES, H, row, start + cols, mask, N, seed, threshold, scale, ACC,
-                            HAS_RES, HAS_DROPOUT, STORE_H)
+                            HAS_RES, HAS_DROPOUT, FUSED, STORE_H)
             if IS_RMS:
                 total += v * v
             else:
                 total += v
         SRC = X
-        if STORE_H:
+        if FUSED:
             SRC = H
         if IS_RMS:
             mean = 0.0
@@ -146,10 +150,22 @@ def _norm_store(W, B, Y, row, cols, mask, N, v, mean, rstd, ACC: tl.constexpr, H
 
 
 @triton.jit
+def _store_dx(DX, DX_DROPOUT, offsets, mask, dx, seed, threshold, scale, ACC: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr):
+    """dx, and for the fused block dropout(dx) with forward's mask (regenerated) on the rounded dx."""
+    dx = dx.to(DX.dtype.element_ty)
+    tl.store(DX + offsets, dx, mask=mask)
+    if HAS_DROPOUT:
+        keep = _philox_word(offsets.to(tl.int64), seed).to(tl.int64) >= threshold
+        tl.store(DX_DROPOUT + offsets, (dx.to(ACC) * tl.where(keep, scale, 0.0)).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DH, DX, DW_PARTIAL, DB_PARTIAL,
-    M, N, rows_per_program,
+    DY, X, W, MEAN, RSTD, DH, DX, DX_DROPOUT, SEED, DW_PARTIAL, DB_PARTIAL,
+    M, N, rows_per_program, threshold, scale_bits,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DH: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     SINGLE_PASS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx for rows [pid * rows_per_program, ...), and this program's partial dw, db.
@@ -160,6 +176,10 @@ def _norm_bwd_kernel(
     plus dh (the gradient flowing into the pre-norm sum directly, prenorm blocks).
     """
     ACC: tl.constexpr = RSTD.dtype.element_ty  # float32, or float64 for float64 inputs
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     first_row = pid.to(tl.int64) * rows_per_program
@@ -188,7 +208,7 @@ def _norm_bwd_kernel(
                 dx = (g - xhat * c1 - c2) * rstd
             if HAS_DH:
                 dx += tl.load(DH + row * N + cols, mask=mask, other=0.0).to(ACC)
-            tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            _store_dx(DX, DX_DROPOUT, row * N + cols, mask, dx, seed, threshold, scale, ACC, HAS_DROPOUT)
             dw += dy * xhat
             db += dy
         if HAS_W:
@@ -226,7 +246,7 @@ def _norm_bwd_kernel(
                 dx = (g - (x - mean) * rstd * c1 - c2) * rstd
                 if HAS_DH:
                     dx += tl.load(DH + row * N + start + cols, mask=mask, other=0.0).to(ACC)
-                tl.store(DX + row * N + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                _store_dx(DX, DX_DROPOUT, row * N + start + cols, mask, dx, seed, threshold, scale, ACC, HAS_DROPOUT)
 
 
 @triton.jit
@@ -271,7 +291,15 @@ def _float64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
-def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False):
+def _drop_threshold(p: float) -> int:
+    return math.floor(p * 4294967296.0 + 0.5)  # dropped: word < round(p * 2^32)
+
+
+def _keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False, store_h=True):
     """y = norm(h) * weight + bias over the last dim of the 2-D, row-contiguous x.
 
     x:        (M, N) float32 / float16 / bfloat16 / float64, rows contiguous.
@@ -281,31 +309,32 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
               formed in the accumulate dtype (float32; float64 for float64 x) and stored
               (in that dtype if residual_in_fp32, else in residual's dtype, or x's without
               residual); the norm is taken of h.
+    store_h:  return h (backward needs it; inference may not).
     Returns (y, h, mean, rstd): y like x; h, or an empty tensor when the norm input is x
-    itself; mean ((M,), empty for RMSNorm) and rstd ((M,)) in the accumulate dtype, which
-    backward uses with the norm input.
+    itself or store_h is False; mean ((M,), empty for RMSNorm) and rstd ((M,)) in the
+    accumulate dtype, which backward uses with the norm input.
     """
     M, N = x.shape
     fused = residual is not None or seed is not None
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics: float32, float64 for float64
     h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
+    block_n, single_pass, num_warps = _block_n(N, x.element_size())
+    write_h = fused and (store_h or not single_pass)  # the looped path re-reads h: scratch
     y = torch.empty_like(x)
-    h = torch.empty((M, N) if fused else (0,), dtype=h_dtype, device=x.device)
+    h = torch.empty((M, N) if write_h else (0,), dtype=h_dtype, device=x.device)
     mean = torch.empty((0,) if is_rms else (M,), dtype=acc_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=acc_dtype, device=x.device)
-    if M == 0:
-        return y, h, mean, rstd
-    block_n, single_pass, num_warps = _block_n(N, x.element_size())
-    has_dropout = seed is not None
-    torch.library.wrap_triton(_norm_fwd_kernel)[(M,)](
-        x, residual if residual is not None else x, weight if weight is not None else x,
-        bias if bias is not None else x, y, h if fused else y, mean if not is_rms else rstd, rstd,
-        seed if has_dropout else rstd,
-        N, eps, math.floor(p * 4294967296.0 + 0.5), _float64_bits(1.0 / (1.0 - p) if p < 1.0 else 0.0),
-        IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-        HAS_DROPOUT=has_dropout, STORE_H=fused, SINGLE_PASS=single_pass, BLOCK_N=block_n, num_warps=num_warps,
-    )
-    return y, h, mean, rstd
+    if M > 0:
+        torch.library.wrap_triton(_norm_fwd_kernel)[(M,)](
+            x, residual if residual is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, y, h, mean if not is_rms else rstd, rstd,
+            seed if seed is not None else rstd,
+            N, eps, _drop_threshold(p), _float64_bits(_keep_scale(p)),
+            IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+            HAS_DROPOUT=seed is not None, FUSED=fused, STORE_H=write_h, SINGLE_PASS=single_pass,
+            BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y, h if store_h or not fused else h.new_empty(0), mean, rstd
 
 
 def _programs(device) -> int:
@@ -314,20 +343,25 @@ def _programs(device) -> int:
     return 4  # the interpreter: few programs keep it fast
 
 
-def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
+def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None, seed=None, p=0.0):
     """Gradients of norm_fwd with respect to its norm input x (or h), weight and bias.
 
     dy: (M, N) like y; x: the norm input (M, N) (x, or the stored h); mean, rstd from
-    norm_fwd; dh: optional (M, N) gradient reaching h directly, added to dx.
-    Returns (dx in x's dtype, dweight in weight's dtype or empty, dbias or empty).
+    norm_fwd; dh: optional (M, N) gradient reaching h directly, added to dx; seed, p: the
+    fused block's dropout, to return dropout(dx) with forward's mask as well.
+    Returns (dx in x's dtype, dweight in weight's dtype or empty, dbias or empty,
+    dropout(dx) in x's dtype or empty).
     """
     M, N = x.shape
+    if dy.shape != x.shape or (dh is not None and dh.shape != x.shape):
+        raise ValueError(f"norm_bwd: dy and dh must have x's shape {tuple(x.shape)}")
     dy = dy.contiguous()
     dx = torch.empty_like(x)
+    dx_dropout = torch.empty_like(x) if seed is not None else x.new_empty(0)
     w_dtype = weight.dtype if weight is not None else x.dtype
-    if M == 0:  # two distinct tensors: an op's outputs may not alias each other
+    if M == 0:  # distinct tensors: an op's outputs may not alias each other
         return dx, *(torch.zeros(N if wanted else 0, dtype=w_dtype, device=x.device)
-                     for wanted in (weight is not None, has_bias))
+                     for wanted in (weight is not None, has_bias)), dx_dropout
     block_n, single_pass, num_warps = _block_n(N, x.element_size())
     programs = min(_programs(x.device), M)
     rows_per_program = triton.cdiv(M, programs)
@@ -337,8 +371,10 @@ def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=has_bias)
     torch.library.wrap_triton(_norm_bwd_kernel)[(programs,)](
         dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-        dh.contiguous() if dh is not None else dy, dx, dw_partial, db_partial, M, N, rows_per_program,
-        HAS_DH=dh is not None, SINGLE_PASS=single_pass, BLOCK_N=block_n, num_warps=num_warps, **flags,
+        dh.contiguous() if dh is not None else dy, dx, dx_dropout, seed if seed is not None else rstd,
+        dw_partial, db_partial, M, N, rows_per_program, _drop_threshold(p), _float64_bits(_keep_scale(p)),
+        HAS_DH=dh is not None, HAS_DROPOUT=seed is not None, SINGLE_PASS=single_pass, BLOCK_N=block_n,
+        num_warps=num_warps, **flags,
     )
     if not single_pass and (weight is not None or has_bias):
         torch.library.wrap_triton(_norm_bwd_weight_kernel)[(programs, triton.cdiv(N, 1024))](
@@ -348,4 +384,4 @@ def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None):
     # second reduction, over programs in a fixed order: deterministic
     dw = dw_partial.sum(0).to(w_dtype) if weight is not None else dw_partial.new_empty(0, dtype=w_dtype)
     db = db_partial.sum(0).to(w_dtype) if has_bias else db_partial.new_empty(0, dtype=w_dtype)
-    return dx, dw, db
+    return dx, dw, db, dx_dropout

@@ -29,7 +29,8 @@ struct NormFwdArgs {
   const acc_t* weight;  // nullptr: none
   const acc_t* bias;  // nullptr: none
   scalar_t* y;
-  h_t* h;  // nullptr: not fused
+  bool fused;  // the norm input is h = residual + dropout(x)
+  h_t* h;  // where h is stored; nullptr: not stored
   acc_t* mean;  // nullptr: RMSNorm
   acc_t* rstd;
   int64_t n;
@@ -94,7 +95,7 @@ FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.n, base = row * n;
   const scalar_t* __restrict x = a.x + base;
-  if (a.h == nullptr) {
+  if (!a.fused) {
     normalize_row(a, row, as_acc(x, n, v));
     return;
   }
@@ -108,10 +109,15 @@ FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_
     const scalar_t* __restrict residual = a.residual + base;
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(residual[j]) + v[j];
   }
-  h_t* __restrict h = a.h + base;
-  for (int64_t j = 0; j < n; ++j) {
-    h[j] = static_cast<h_t>(v[j]);
-    v[j] = static_cast<acc_t>(h[j]);  // normalize what backward will read
+  // normalize h rounded to its dtype, what backward reads
+  if (a.h) {
+    h_t* __restrict h = a.h + base;
+    for (int64_t j = 0; j < n; ++j) {
+      h[j] = static_cast<h_t>(v[j]);
+      v[j] = static_cast<acc_t>(h[j]);
+    }
+  } else if constexpr (!std::is_same_v<h_t, acc_t>) {
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(static_cast<h_t>(v[j]));
   }
   normalize_row(a, row, static_cast<const acc_t*>(v));
 }
@@ -119,7 +125,7 @@ FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_
 template <typename scalar_t, typename h_t>
 void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& seed, double p,
-                   double eps, bool is_rms, NormOutputs& out) {
+                   double eps, bool is_rms, bool fused, NormOutputs& out) {
   using acc_t = acc_type<scalar_t>;
   NormFwdArgs<scalar_t, h_t> a;
   a.x = x.const_data_ptr<scalar_t>();
@@ -127,6 +133,7 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   a.y = out.y.mutable_data_ptr<scalar_t>();
+  a.fused = fused;
   a.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
   a.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
   a.rstd = out.rstd.mutable_data_ptr<acc_t>();
@@ -138,7 +145,7 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   a.scale = static_cast<acc_t>(keep_scale(p));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
-    const bool convert = a.h != nullptr || !std::is_same_v<scalar_t, acc_t>;
+    const bool convert = a.fused || !std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.dropout ? a.n : 0);
     for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data());
   });
@@ -154,7 +161,10 @@ struct NormBwdArgs {
   const acc_t* mean;  // nullptr: RMSNorm
   const acc_t* rstd;
   scalar_t* dx;
+  scalar_t* dx_dropout;  // nullptr: no dropout
   int64_t n;
+  uint64_t seed, threshold;
+  acc_t scale;
 };
 
 // Rows [first, last): dx, and their dweight / dbias sums added into dw, db (one chunk's
@@ -164,7 +174,8 @@ struct NormBwdArgs {
 template <typename scalar_t>
 FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdArgs<scalar_t>& a, int64_t first, int64_t last,
                                       acc_type<scalar_t>* __restrict dw, acc_type<scalar_t>* __restrict db,
-                                      acc_type<scalar_t>* __restrict x_buf, acc_type<scalar_t>* __restrict dy_buf) {
+                                      acc_type<scalar_t>* __restrict x_buf, acc_type<scalar_t>* __restrict dy_buf,
+                                      acc_type<scalar_t>* __restrict multiplier) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = kWidth<acc_t>;
@@ -211,36 +222,42 @@ FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdArgs<scalar_t>& a, int64_t fi
       if (dh) value += static_cast<acc_t>(dh[j]);
       dx[j] = static_cast<scalar_t>(value);
     }
+    if (a.dx_dropout) {  // the fused block's dx: forward's mask, regenerated, on the rounded dx
+      keep_multipliers(static_cast<uint64_t>(row * n), n, a.seed, a.threshold, a.scale, multiplier);
+      scalar_t* __restrict dx_dropout = a.dx_dropout + row * n;
+      for (int64_t k = 0; k < n; ++k) dx_dropout[k] = static_cast<scalar_t>(static_cast<acc_t>(dx[k]) * multiplier[k]);
+    }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, bool is_rms, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& seed,
-    double p, bool residual_in_fp32) {
+    double p, bool residual_in_fp32, bool store_h) {
   check_norm_fwd_args(x_in, weight, bias, residual_in, seed, p);
   const at::Tensor x = x_in.contiguous();
   std::optional<at::Tensor> residual;
   if (residual_in.has_value()) residual = residual_in->contiguous();
   const bool fused = residual.has_value() || seed.has_value();
-  NormOutputs out = allocate_norm_outputs(x, is_rms, fused, residual_in_fp32);
+  NormOutputs out = allocate_norm_outputs(x, is_rms, fused && store_h, residual_in_fp32);
   if (x.numel() == 0) return {out.y, out.h, out.mean, out.rstd};
   const at::Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_fwd_cpu", [&] {
     if (residual_in_fp32) {
-      norm_fwd_rows<scalar_t, acc_type<scalar_t>>(x, w, b, residual, seed, p, eps, is_rms, out);
+      norm_fwd_rows<scalar_t, acc_type<scalar_t>>(x, w, b, residual, seed, p, eps, is_rms, fused, out);
     } else {
-      norm_fwd_rows<scalar_t, scalar_t>(x, w, b, residual, seed, p, eps, is_rms, out);
+      norm_fwd_rows<scalar_t, scalar_t>(x, w, b, residual, seed, p, eps, is_rms, fused, out);
     }
   });
   return {out.y, out.h, out.mean, out.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in) {
-  check_norm_bwd_args(dy_in, x_in, rstd, dh_in);
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, kMaxWeightChunks);
+    const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in,
+    const std::optional<at::Tensor>& seed, double p) {
+  check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
   const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
   at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
   const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
@@ -255,14 +272,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
       a.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
       a.rstd = rstd.const_data_ptr<acc_t>();
       a.dx = dx.mutable_data_ptr<scalar_t>();
+      a.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
       a.n = n;
+      a.seed = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+      a.threshold = drop_threshold(p);
+      a.scale = static_cast<acc_t>(keep_scale(p));
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         const bool convert = !std::is_same_v<scalar_t, acc_t>;
-        std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0);
+        std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
           norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows),
                         dw_partial.mutable_data_ptr<acc_t>() + chunk * n,
-                        db_partial.mutable_data_ptr<acc_t>() + chunk * n, x_buf.data(), dy_buf.data());
+                        db_partial.mutable_data_ptr<acc_t>() + chunk * n, x_buf.data(), dy_buf.data(),
+                        multiplier.data());
         }
       });
     });

@@ -96,13 +96,28 @@ struct NormFwdParams {
   const acc_t* bias;  // nullptr: none
   const int64_t* seed;  // nullptr: no dropout
   scalar_t* y;
-  h_t* h;  // nullptr: not fused
+  bool fused;  // the norm input is h = residual + dropout(x)
+  h_t* h;  // where h is stored; nullptr: not stored
   acc_t* mean;  // nullptr: RMSNorm
   acc_t* rstd;
   int64_t n;
   acc_t eps, scale;
   uint64_t threshold;
 };
+
+// The value the norm sees at element i: x, or h = residual + dropout(x) rounded to h's
+// dtype (what backward reads).
+template <typename scalar_t, typename h_t, typename acc_t = acc_type<scalar_t>>
+__device__ __forceinline__ acc_t fused_norm_input(const NormFwdParams<scalar_t, h_t>& p, int64_t i, uint64_t seed) {
+  acc_t v = static_cast<acc_t>(p.x[i]);
+  if (!p.fused) return v;
+  if (p.seed) {
+    const uint32_t word = philox4x32_10(static_cast<uint64_t>(i) / 4, seed).w[i % 4];
+    v = v * (keep_element(word, p.threshold) ? p.scale : acc_t(0));
+  }
+  if (p.residual) v = static_cast<acc_t>(p.residual[i]) + v;
+  return static_cast<acc_t>(static_cast<h_t>(v));
+}
 
 template <typename scalar_t, typename h_t>
 __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
@@ -112,18 +127,8 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
   WelfordState<acc_t> state{};
   acc_t sum_squares = 0;
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    acc_t v = static_cast<acc_t>(p.x[base + j]);
-    if (p.h) {
-      if (p.seed) {
-        const uint64_t position = static_cast<uint64_t>(base + j);
-        const uint32_t word = philox4x32_10(position / 4, seed).w[position % 4];
-        v = v * (keep_element(word, p.threshold) ? p.scale : acc_t(0));
-      }
-      if (p.residual) v = static_cast<acc_t>(p.residual[base + j]) + v;
-      const h_t rounded = static_cast<h_t>(v);  // normalize what backward will read
-      p.h[base + j] = rounded;
-      v = static_cast<acc_t>(rounded);
-    }
+    const acc_t v = fused_norm_input(p, base + j, seed);
+    if (p.h) p.h[base + j] = static_cast<h_t>(v);
     if (p.mean) {
       state = welford_add(state, v);
     } else {
@@ -140,7 +145,8 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
   }
   const acc_t rstd = acc_t(1) / sqrt(variance + p.eps);
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
-    const acc_t v = p.h ? static_cast<acc_t>(p.h[base + j]) : static_cast<acc_t>(p.x[base + j]);
+    // the stored h, or the input again (recomputed when h is not stored)
+    const acc_t v = p.h ? static_cast<acc_t>(p.h[base + j]) : fused_norm_input(p, base + j, seed);
     acc_t out = (v - mean) * rstd;
     if (p.weight) out = out * p.weight[j];
     if (p.bias) out = out + p.bias[j];
@@ -161,9 +167,13 @@ struct NormBwdParams {
   const acc_t* mean;  // nullptr: RMSNorm
   const acc_t* rstd;
   scalar_t* dx;
+  scalar_t* dx_dropout;  // nullptr: no dropout
+  const int64_t* seed;
   acc_t* dw_partial;
   acc_t* db_partial;
   int64_t m, n, chunk_rows;
+  uint64_t threshold;
+  acc_t scale;
 };
 
 template <typename scalar_t>
@@ -184,7 +194,14 @@ __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
     const acc_t xhat = (static_cast<acc_t>(p.x[base + j]) - mean) * rstd;
     acc_t value = (g - xhat * c1 - c2) * rstd;
     if (p.dh) value += static_cast<acc_t>(p.dh[base + j]);
-    p.dx[base + j] = static_cast<scalar_t>(value);
+    const scalar_t rounded = static_cast<scalar_t>(value);
+    p.dx[base + j] = rounded;
+    if (p.dx_dropout) {  // the fused block's dx: forward's mask, regenerated
+      const uint64_t position = static_cast<uint64_t>(base + j);
+      const uint32_t word = philox4x32_10(position / 4, static_cast<uint64_t>(*p.seed)).w[position % 4];
+      p.dx_dropout[base + j] =
+          static_cast<scalar_t>(static_cast<acc_t>(rounded) * (keep_element(word, p.threshold) ? p.scale : acc_t(0)));
+    }
   }
 }
 
@@ -210,13 +227,13 @@ __global__ void norm_bwd_weight_kernel(NormBwdParams<scalar_t> p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     double eps, bool is_rms, const std::optional<at::Tensor>& residual_in, const std::optional<at::Tensor>& seed,
-    double p, bool residual_in_fp32) {
+    double p, bool residual_in_fp32, bool store_h) {
   check_norm_fwd_args(x_in, weight, bias, residual_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = residual_in.has_value() ? residual_in->contiguous() : at::Tensor();
   const bool fused = residual.defined() || seed.has_value();
-  NormOutputs out = allocate_norm_outputs(x, is_rms, fused, residual_in_fp32);
+  NormOutputs out = allocate_norm_outputs(x, is_rms, fused && store_h, residual_in_fp32);
   if (x.numel() == 0) return {out.y, out.h, out.mean, out.rstd};
   const at::Tensor w = param_as_acc(weight, x), b = param_as_acc(bias, x);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -231,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
       params.bias = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
       params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
       params.y = out.y.mutable_data_ptr<scalar_t>();
-      params.h = fused ? out.h.mutable_data_ptr<h_t>() : nullptr;
+      params.fused = fused;
+      params.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
       params.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
       params.rstd = out.rstd.mutable_data_ptr<acc_t>();
       params.n = x.size(1);
@@ -250,12 +268,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
   return {out.y, out.h, out.mean, out.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const at::Tensor& dy_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in) {
-  check_norm_bwd_args(dy_in, x_in, rstd, dh_in);
+    const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in,
+    const std::optional<at::Tensor>& seed, double p) {
+  check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, kMaxWeightChunks);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
   const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
   at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
   const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
@@ -271,6 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
       params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
       params.rstd = rstd.const_data_ptr<acc_t>();
       params.dx = dx.mutable_data_ptr<scalar_t>();
+      params.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
+      params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
+      params.threshold = drop_threshold(p);
+      params.scale = static_cast<acc_t>(keep_scale(p));
       params.dw_partial = dw_partial.mutable_data_ptr<acc_t>();
       params.db_partial = db_partial.mutable_data_ptr<acc_t>();
       params.m = m;

@@ -41,13 +41,14 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline NormOutputs allocate_norm_outputs(const at::Tensor& x, bool is_rms, bool fused, bool residual_in_fp32) {
+// h has rows only when it is stored (fused, and store_h).
+inline NormOutputs allocate_norm_outputs(const at::Tensor& x, bool is_rms, bool store_h, bool residual_in_fp32) {
   const int64_t m = x.size(0), n = x.size(1);
   const auto h_dtype = residual_in_fp32 ? at::promote_types(x.scalar_type(), at::kFloat) : x.scalar_type();
   const auto stats = x.options().dtype(acc_dtype(x));
   return NormOutputs{
       at::empty({m, n}, x.options()),
-      fused ? at::empty({m, n}, x.options().dtype(h_dtype)) : at::empty({0}, x.options().dtype(h_dtype)),
+      store_h ? at::empty({m, n}, x.options().dtype(h_dtype)) : at::empty({0}, x.options().dtype(h_dtype)),
       at::empty({is_rms ? 0 : m}, stats),
       at::empty({m}, stats),
   };
@@ -60,7 +61,12 @@ inline at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const at:
 }
 
 inline void check_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
-                                const std::optional<at::Tensor>& dh) {
+                                const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed, double p) {
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device() == x.device(),
+                "fastreg::norm_bwd: 'seed' must be an int64 tensor with one element on x's device");
+  }
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
   TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes(), "fastreg::norm_bwd: 'dy' and 'x' must be 2-D of one shape");
   TORCH_CHECK(rstd.numel() == x.size(0) && rstd.scalar_type() == acc_dtype(x),
               "fastreg::norm_bwd: 'rstd' must have one value per row, float32 (float64 for float64 'x')");
@@ -80,19 +86,22 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
 // contiguous inputs (dy and dh in the dtype of the norm input: y's may differ from h's),
 // dx, the weight in the accumulate dtype, and zeroed dweight / dbias partials, one row
 // per chunk of chunk_rows rows.
+// With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
 struct NormBwdBuffers {
-  at::Tensor x, dy, dh, w, dx, dw_partial, db_partial;
+  at::Tensor x, dy, dh, w, dx, dw_partial, db_partial, dx_dropout;
   int64_t m, n, chunk_rows;
 };
 
 inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& dh, int64_t max_chunks) {
+                                       const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed,
+                                       int64_t max_chunks) {
   NormBwdBuffers b;
   b.x = x.contiguous();
   b.dy = dy.to(x.scalar_type()).contiguous();
   b.dh = dh.has_value() ? dh->to(x.scalar_type()).contiguous() : at::Tensor();
   b.w = param_as_acc(weight, b.x);
   b.dx = at::empty_like(b.x);
+  b.dx_dropout = seed.has_value() ? at::empty_like(b.x) : at::empty({0}, b.x.options());
   b.m = b.x.size(0);
   b.n = b.x.size(1);
   b.chunk_rows = rows_per_chunk(b.m, max_chunks);
@@ -102,15 +111,14 @@ inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x
   return b;
 }
 
-// (dx, dweight, dbias): the partials reduced over the chunks in order (deterministic),
-// in the weight's dtype; empty where there is no weight / bias.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_norm_bwd(const NormBwdBuffers& b,
-                                                                       const std::optional<at::Tensor>& weight,
-                                                                       bool has_bias) {
+// (dx, dweight, dbias, dx_dropout): the partials reduced over the chunks in order
+// (deterministic), in the weight's dtype; empty where there is no weight / bias.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_norm_bwd(
+    const NormBwdBuffers& b, const std::optional<at::Tensor>& weight, bool has_bias) {
   const auto w_dtype = weight.has_value() ? weight->scalar_type() : b.x.scalar_type();
   const auto empty = [&] { return at::empty({0}, b.x.options().dtype(w_dtype)); };
   return {b.dx, weight.has_value() ? b.dw_partial.sum(0).to(w_dtype) : empty(),
-          has_bias ? b.db_partial.sum(0).to(w_dtype) : empty()};
+          has_bias ? b.db_partial.sum(0).to(w_dtype) : empty(), b.dx_dropout};
 }
 
 }  // namespace fastreg
