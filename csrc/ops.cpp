@@ -38,4 +38,18 @@ TORCH_LIBRARY(fastreg, m) {
   m.def(
       "norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
       "Tensor? dh=None, Tensor? seed=None, float p=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // BatchNorm, in four steps (so SyncBatchNorm can reduce across ranks in between) over
+  // x of shape (N, C, S) with any strides, statistics per channel over N and S in
+  // float32 (float64 for float64 x); outputs keep the layout of x.
+  // (mean, biased variance) per channel; deterministic.
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  // y = (x - mean) / sqrt(var + eps) * weight + bias
+  m.def("bn_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // (sum dy, sum dy * xhat) per channel: dbias and dweight; deterministic.
+  m.def("bn_bwd_reduce(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor)");
+  // dx; with the sums, of batch statistics over `count` values, else of fixed statistics.
+  m.def(
+      "bn_bwd_apply(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
+      "Tensor? sum_dy=None, Tensor? sum_dy_xhat=None, int count=0) -> Tensor");
 }

@@ -32,7 +32,13 @@ def load_error() -> str | None:
 
 def defines(op: str) -> bool:
     """Whether the loaded extension defines `fastreg::<op>` (a stale build may not)."""
-    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastreg::{op}", "CPU")
+    if not loaded():
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"fastreg::{op}", "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

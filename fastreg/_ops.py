@@ -224,6 +224,68 @@ if _HAVE_TRITON:
     )
 
 
+# ---------------------------------------------------------------------- batch_norm
+# bn_stats, bn_apply, bn_bwd_reduce, bn_bwd_apply over x (N, C, S) of any strides; no
+# autograd of their own: fastreg/_batch_norm.py composes them in an autograd.Function.
+
+
+def _bn_channel_stats_fake(x):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+def _bn_stats_fake(x):
+    return _bn_channel_stats_fake(x)
+
+
+def _bn_apply_fake(x, mean, var, weight, bias, eps):
+    return torch.empty_like(x)  # x's strides
+
+
+def _bn_bwd_reduce_fake(dy, x, mean, var, eps):
+    return _bn_channel_stats_fake(x)
+
+
+def _bn_bwd_apply_fake(dy, x, mean, var, weight, eps, sum_dy=None, sum_dy_xhat=None, count=0):
+    return torch.empty_like(x)
+
+
+_BN_FAKES = {"bn_stats": _bn_stats_fake, "bn_apply": _bn_apply_fake, "bn_bwd_reduce": _bn_bwd_reduce_fake,
+             "bn_bwd_apply": _bn_bwd_apply_fake}
+
+if _ext.defines("bn_stats"):
+    for _name, _fake in _BN_FAKES.items():
+        torch.library.register_fake(f"fastreg::{_name}", _fake)
+
+
+if _HAVE_TRITON:
+    from fastreg.triton_kernels import batch_norm as _triton_bn
+
+    @torch.library.triton_op("fastreg::bn_stats_triton", mutates_args=())
+    def bn_stats_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_bn.bn_stats(x)
+
+    @torch.library.triton_op("fastreg::bn_apply_triton", mutates_args=())
+    def bn_apply_triton(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+        return _triton_bn.bn_apply(x, mean, var, weight, bias, eps)
+
+    @torch.library.triton_op("fastreg::bn_bwd_reduce_triton", mutates_args=())
+    def bn_bwd_reduce_triton(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_bn.bn_bwd_reduce(dy, x, mean, var, eps)
+
+    @torch.library.triton_op("fastreg::bn_bwd_apply_triton", mutates_args=())
+    def bn_bwd_apply_triton(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                            weight: torch.Tensor | None, eps: float, sum_dy: torch.Tensor | None = None,
+                            sum_dy_xhat: torch.Tensor | None = None, count: int = 0) -> torch.Tensor:
+        return _triton_bn.bn_bwd_apply(dy, x, mean, var, weight, eps, sum_dy, sum_dy_xhat, count)
+
+    for _op, _fake in ((bn_stats_triton, _bn_stats_fake), (bn_apply_triton, _bn_apply_fake),
+                       (bn_bwd_reduce_triton, _bn_bwd_reduce_fake), (bn_bwd_apply_triton, _bn_bwd_apply_fake)):
+        _op.register_fake(_fake)
+
+
 def _missing(op, backend):
     def fail(*args, **kwargs):
         raise RuntimeError(f"fastreg op {op!r} has no {backend!r} implementation here")

@@ -101,3 +101,56 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
     if bias is not None:
         normalized = normalized + bias.to(acc_dtype)
     return normalized.to(x.dtype), h if store_h else h.new_empty(0), mean.detach(), rstd.detach()
+
+
+# ---------------------------------------------------------------- batch_norm
+# x is (N, C, S) with any strides (a view of (N, C, *spatial) in either memory format);
+# per-channel statistics are over N and S, in float32 (float64 for float64 x).
+
+
+def _acc(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_channel(t):
+    return t[None, :, None]
+
+
+def bn_stats(x):
+    """(mean, biased variance) per channel, two-pass."""
+    v = x.to(_acc(x))
+    mean = v.mean((0, 2))
+    return mean, (v - _per_channel(mean)).pow(2).mean((0, 2))
+
+
+def bn_apply(x, mean, var, weight, bias, eps):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, in x's dtype and layout."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    return (x.to(scale.dtype) * _per_channel(scale) + _per_channel(shift)).to(x.dtype)
+
+
+def bn_bwd_reduce(dy, x, mean, var, eps):
+    """(sum of dy, sum of dy * xhat) per channel: dbias and dweight."""
+    acc = _acc(x)
+    xhat = (x.to(acc) - _per_channel(mean)) * _per_channel(torch.rsqrt(var + eps))
+    dy = dy.to(acc)
+    return dy.sum((0, 2)), (dy * xhat).sum((0, 2))
+
+
+def bn_bwd_apply(dy, x, mean, var, weight, eps, sum_dy=None, sum_dy_xhat=None, count=0):
+    """dx. With the sums (training, statistics of the batch over `count` values):
+    dx = (dy - sum_dy / count - xhat * sum_dy_xhat / count) * weight / sqrt(var + eps);
+    without (eval, fixed statistics): dx = dy * weight / sqrt(var + eps)."""
+    acc = _acc(x)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight.to(acc) if weight is not None else invstd
+    g = dy.to(acc)
+    if sum_dy is not None:
+        xhat = (x.to(acc) - _per_channel(mean)) * _per_channel(invstd)
+        g = g - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat / count)
+    return (g * _per_channel(scale)).to(x.dtype)

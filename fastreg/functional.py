@@ -4,16 +4,17 @@ Each call checks its arguments as torch does, asks fastreg._backend for the back
 runs the op there; autograd is registered on the ops themselves (fastreg/_ops.py).
 """
 
+import math
 import warnings
 
 import torch
 
-from fastreg import _ops, _reference, _rng
+from fastreg import _batch_norm, _ops, _reference, _rng
 from fastreg._backend import choose_backend
 
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
-    "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm",
+    "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm", "batch_norm",
 ]
 
 
@@ -253,3 +254,22 @@ def dropout_add_rms_norm(x, residual, weight, p, eps=None, training=True, prenor
 
 # The torch backend's bit-exact mask, for tests and debugging.
 keep_mask = _reference.keep_mask
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.batch_norm: (N, C, *) in its own memory format, statistics in
+    float32, running statistics updated in place when training, deterministic backward."""
+    channels = input.shape[1] if input.dim() > 1 else 1
+    if training:
+        values = input.shape[0] * math.prod(input.shape[2:])
+        if values <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(f"{'running_mean' if running_mean is None else 'running_var'} must be defined in "
+                           "evaluation mode")
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                         ("bias", bias)):
+        if tensor is not None and tensor.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+    return _batch_norm.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -84,6 +84,28 @@ NORM_SHAPES = {"cuda": ([(8192, n) for n in (1024, 4096, 8192, 32768)], [(8192, 
                "cpu": ([(4096, 1024), (1024, 8192)], [(4096, 1024)])}
 
 
+def _channels_and_params(shape, dtype, device, memory_format=torch.contiguous_format):
+    """(x, weight, bias) for a BatchNorm over dim 1 of `shape`; parameters in float32, as torch keeps them."""
+    x = torch.randn(shape, device=device).to(dtype)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=memory_format)
+    return x, torch.randn(shape[1], device=device), torch.randn(shape[1], device=device)
+
+
+# training mode: statistics of the batch (running statistics are C values: left out)
+def _batch_norm_fastreg(x, w, b):
+    return fastreg.functional.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+
+
+def _batch_norm_torch(x, w, b):
+    return torch_F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+
+
+# read x, write y; read x and dy, write dx (a second read of x for the statistics, and
+# the per-channel sums, are not counted: the minimum)
+BATCH_NORM_BYTES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+
+
 def _dropout_add_layer_norm_eager(x, residual, weight, bias):
     return torch_F.layer_norm(torch_F.dropout(x, FUSED_P) + residual, x.shape[-1:], weight, bias, EPS)
 
@@ -127,6 +149,23 @@ OPS = {
             make_inputs=lambda shape, dtype, device: _rows_and_params(shape, dtype, device, residual=True),
             fastreg_fn=lambda x, r, w, b: fastreg.functional.dropout_add_layer_norm(x, r, w, b, FUSED_P, EPS),
             torch_fn=_dropout_add_layer_norm_eager,
+        ),
+        BenchOp(
+            name="batch_norm",
+            bytes_per_element=BATCH_NORM_BYTES,
+            shapes={"cuda": ([(65536, 512), (64, 256, 56, 56)], [(65536, 512)]),
+                    "cpu": ([(65536, 256), (32, 64, 56, 56)], [(65536, 256)])},
+            make_inputs=_channels_and_params,
+            fastreg_fn=_batch_norm_fastreg,
+            torch_fn=_batch_norm_torch,
+        ),
+        BenchOp(
+            name="batch_norm_channels_last",
+            bytes_per_element=BATCH_NORM_BYTES,
+            shapes={"cuda": ([(64, 256, 56, 56)], [(64, 256, 56, 56)]), "cpu": ([(32, 64, 56, 56)], [(32, 64, 56, 56)])},
+            make_inputs=lambda shape, dtype, device: _channels_and_params(shape, dtype, device, torch.channels_last),
+            fastreg_fn=_batch_norm_fastreg,
+            torch_fn=_batch_norm_torch,
         ),
     ]
 }

@@ -1,0 +1,75 @@
+#pragma once
+// The four BatchNorm steps of csrc/ops.cpp, shared by the CPU and CUDA registrations:
+// argument checks and the per-channel coefficients (C values, computed with ATen ops)
+// here; the two device kernels, passed in, do the per-element work:
+//   partial_sums(x, shift, dy or nullptr) -> (A, B) per channel: with d = x - shift[c],
+//       A = sum d, B = sum d * d; or with dy, A = sum dy, B = sum dy * d (deterministic)
+//   affine(x, mean, coef_x, coef_one, dy or nullptr, coef_dy or nullptr) -> out, in x's
+//       dtype and strides: (x - mean[c]) * coef_x[c] + coef_one[c] (+ dy * coef_dy[c])
+#include <ATen/ATen.h>
+
+#include "fastreg/norm_args.h"
+
+namespace fastreg {
+
+inline void check_ncs(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3, "fastreg::bn: '", name, "' must be 3-D (N, C, S), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastreg::bn: expected a floating-point '", name, "'");
+}
+
+template <typename PartialSums>
+std::tuple<at::Tensor, at::Tensor> bn_stats_steps(const at::Tensor& x, PartialSums partial_sums) {
+  check_ncs(x, "x");
+  const int64_t count = x.size(0) * x.size(2);
+  const auto acc = x.options().dtype(acc_dtype(x));
+  // shifted by one value of each channel, so a large mean costs no precision
+  const at::Tensor shift = count > 0 ? x.select(0, 0).select(1, 0).to(acc_dtype(x)) : at::zeros({x.size(1)}, acc);
+  const auto [sum_d, sum_dd] = partial_sums(x, shift, nullptr);
+  const double denominator = static_cast<double>(std::max<int64_t>(count, 1));
+  const at::Tensor mean_d = sum_d / denominator;
+  return {shift + mean_d, (sum_dd / denominator - mean_d * mean_d).clamp_min(0.0)};
+}
+
+template <typename Affine>
+at::Tensor bn_apply_steps(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                          Affine affine) {
+  check_ncs(x, "x");
+  at::Tensor scale = (var.to(acc_dtype(x)) + eps).rsqrt();
+  if (weight.has_value()) scale = scale * weight->to(acc_dtype(x));
+  const at::Tensor shift = bias.has_value() ? bias->to(acc_dtype(x)) : at::zeros_like(scale);
+  return affine(x, mean, scale, shift, nullptr, nullptr);
+}
+
+template <typename PartialSums>
+std::tuple<at::Tensor, at::Tensor> bn_bwd_reduce_steps(const at::Tensor& dy_in, const at::Tensor& x,
+                                                       const at::Tensor& mean, const at::Tensor& var, double eps,
+                                                       PartialSums partial_sums) {
+  check_ncs(x, "x");
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), "fastreg::bn_bwd_reduce: 'dy' must have x's shape");
+  const at::Tensor dy = dy_in.to(x.scalar_type());
+  const auto [sum_dy, sum_dy_centered] = partial_sums(x, mean, &dy);
+  return {sum_dy, sum_dy_centered * (var.to(acc_dtype(x)) + eps).rsqrt()};
+}
+
+template <typename Affine>
+at::Tensor bn_bwd_apply_steps(const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& mean,
+                              const at::Tensor& var, const std::optional<at::Tensor>& weight, double eps,
+                              const std::optional<at::Tensor>& sum_dy, const std::optional<at::Tensor>& sum_dy_xhat,
+                              int64_t count, Affine affine) {
+  check_ncs(x, "x");
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), "fastreg::bn_bwd_apply: 'dy' must have x's shape");
+  TORCH_CHECK(sum_dy.has_value() == sum_dy_xhat.has_value(), "fastreg::bn_bwd_apply: give both sums or neither");
+  const at::Tensor dy = dy_in.to(x.scalar_type());
+  const at::Tensor invstd = (var.to(acc_dtype(x)) + eps).rsqrt();
+  const at::Tensor scale = weight.has_value() ? invstd * weight->to(acc_dtype(x)) : invstd;
+  at::Tensor coef_x = at::zeros_like(scale), coef_one = at::zeros_like(scale);
+  if (sum_dy.has_value()) {  // batch statistics: the gradient through mean and var
+    TORCH_CHECK(count > 0, "fastreg::bn_bwd_apply: 'count' must be positive with the sums");
+    coef_x = -scale * invstd * sum_dy_xhat->to(acc_dtype(x)) / static_cast<double>(count);
+    coef_one = -scale * sum_dy->to(acc_dtype(x)) / static_cast<double>(count);
+  }
+  return affine(x, mean, coef_x, coef_one, &dy, &scale);
+}
+
+}  // namespace fastreg
