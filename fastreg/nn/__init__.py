@@ -1,11 +1,11 @@
 """Drop-in replacements for torch.nn modules (subclasses overriding forward only)."""
 
-from fastreg.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from fastreg.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
 from fastreg.nn.dropout import DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d
 from fastreg.nn.normalization import DropoutAddLayerNorm, DropoutAddRMSNorm, LayerNorm, RMSNorm
 
 __all__ = [
     "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropPath",
     "LayerNorm", "RMSNorm", "DropoutAddLayerNorm", "DropoutAddRMSNorm",
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
 ]
