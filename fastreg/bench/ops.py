@@ -31,6 +31,7 @@ class BenchOp:
     fastreg_fn: Callable[..., torch.Tensor]  # the op as fastreg runs it
     torch_fn: Callable[..., torch.Tensor]  # the same op in eager PyTorch
     make_inputs: Callable[[Shape, torch.dtype, str], tuple[torch.Tensor, ...]] = None
+    differentiable: int | None = None  # how many leading inputs get gradients (None: every floating one)
 
     def inputs(self, shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
         if self.make_inputs is None:
@@ -45,15 +46,15 @@ def make_callable(op: BenchOp, fn, mode: str, shape: Shape, dtype: torch.dtype, 
     """A no-argument callable running `mode` of `fn` (op's fastreg_fn or torch_fn) on fresh inputs.
 
     fwd:      y = fn(*inputs), no autograd graph
-    bwd:      the gradients of a precomputed y with respect to every floating-point input
+    bwd:      the gradients of a precomputed y with respect to the differentiable inputs
               (autograd.grad, nothing accumulated)
     fwd+bwd:  both, as a training step runs them
     """
     inputs = op.inputs(shape, dtype, device)
     if mode == "fwd":
         return lambda: fn(*inputs)
-    for t in inputs:
-        t.requires_grad_(t.is_floating_point())
+    for index, t in enumerate(inputs):
+        t.requires_grad_(t.is_floating_point() and (op.differentiable is None or index < op.differentiable))
     differentiable = [t for t in inputs if t.requires_grad]
     grad = torch.randn_like(fn(*inputs))
     if mode == "bwd":
@@ -104,6 +105,20 @@ def _batch_norm_torch(x, w, b):
 # read x, write y; read x and dy, write dx (a second read of x for the statistics, and
 # the per-channel sums, are not counted: the minimum)
 BATCH_NORM_BYTES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+
+
+# eval mode: fixed (running) statistics, an affine map per channel
+def _batch_norm_eval_inputs(shape, dtype, device):
+    x, w, b = _channels_and_params(shape, dtype, device, torch.channels_last)
+    return x, w, b, torch.randn(shape[1], device=device), torch.rand(shape[1], device=device) + 0.5
+
+
+def _batch_norm_eval_fastreg(x, w, b, running_mean, running_var):
+    return fastreg.functional.batch_norm(x, running_mean, running_var, w, b, training=False, eps=EPS)
+
+
+def _batch_norm_eval_torch(x, w, b, running_mean, running_var):
+    return torch_F.batch_norm(x, running_mean, running_var, w, b, training=False, eps=EPS)
 
 
 def _dropout_add_layer_norm_eager(x, residual, weight, bias):
@@ -166,6 +181,16 @@ OPS = {
             make_inputs=lambda shape, dtype, device: _channels_and_params(shape, dtype, device, torch.channels_last),
             fastreg_fn=_batch_norm_fastreg,
             torch_fn=_batch_norm_torch,
+        ),
+        BenchOp(
+            name="batch_norm_eval",
+            # fwd: read x, write y; bwd: read x and dy (dweight needs xhat), write dx
+            bytes_per_element={"fwd": 2, "bwd": 3, "fwd+bwd": 5},
+            shapes={"cuda": ([(64, 256, 56, 56)], [(64, 256, 56, 56)]), "cpu": ([(32, 64, 56, 56)], [(32, 64, 56, 56)])},
+            make_inputs=_batch_norm_eval_inputs,
+            differentiable=3,  # x, weight, bias; not the running statistics
+            fastreg_fn=_batch_norm_eval_fastreg,
+            torch_fn=_batch_norm_eval_torch,
         ),
     ]
 }
