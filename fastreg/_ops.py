@@ -229,13 +229,9 @@ if _HAVE_TRITON:
 # autograd of their own: fastreg/_batch_norm.py composes them in an autograd.Function.
 
 
-def _bn_channel_stats_fake(x):
-    acc = torch.promote_types(x.dtype, torch.float32)
-    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
-
-
 def _bn_stats_fake(x):
-    return _bn_channel_stats_fake(x)
+    acc = torch.promote_types(x.dtype, torch.float32)  # two values per channel
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
 
 
 def _bn_apply_fake(x, mean, var, weight, bias, eps):
@@ -243,7 +239,7 @@ def _bn_apply_fake(x, mean, var, weight, bias, eps):
 
 
 def _bn_bwd_reduce_fake(dy, x, mean, var, eps):
-    return _bn_channel_stats_fake(x)
+    return _bn_stats_fake(x)
 
 
 def _bn_bwd_apply_fake(dy, x, mean, var, weight, eps, sum_dy=None, sum_dy_xhat=None, count=0):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import fastreg
-from fastreg import _ops
 from fastreg import functional as F
 from tests.conftest import GPU
 

@@ -7,7 +7,7 @@ import torch.nn.functional as torch_F
 import fastreg
 from fastreg import _ops, _reference, _rng
 from fastreg import functional as F
-from tests.conftest import GPU, KERNEL_BACKENDS, skip_unless_runs  # noqa: F401
+from tests.conftest import GPU
 
 # The relative rule: against a float32 reference computed from the same rounded input,
 # fastreg's error may be at most twice PyTorch's own error in the input dtype, plus an

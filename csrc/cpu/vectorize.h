@@ -1,8 +1,8 @@
 #pragma once
 // Helpers of the CPU kernels: functions cloned for AVX2 (picked at load time on CPUs
-// that have it), Philox calls in batches the compiler vectorizes, and sums in
-// independent lanes (a plain floating-point reduction cannot be vectorized without
-// reassociating it; kLanes separate accumulators can).
+// that have it), Philox calls in batches the compiler vectorizes, and explicit 32-byte
+// vectors for sums (a plain floating-point reduction cannot be vectorized without
+// reassociating it; separate vector lanes can).
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

@@ -1,8 +1,8 @@
 #pragma once
 // Welford's running (count, mean, M2) and Chan's parallel merge: mean and variance in one
 // pass without the cancellation of E[x^2] - E[x]^2 (rows with a large mean stay exact).
-// Shared by the CPU and CUDA kernels. T is the accumulate type: float, or double for
-// double inputs.
+// Used by the CUDA LayerNorm kernel (the CPU and Triton kernels take two passes over a
+// row instead). T is the accumulate type: float, or double for double inputs.
 #include <type_traits>
 
 #include "fastreg/macros.h"
