@@ -52,4 +52,27 @@ TORCH_LIBRARY(fastreg, m) {
   m.def(
       "bn_bwd_apply(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
       "Tensor? sum_dy=None, Tensor? sum_dy_xhat=None, int count=0) -> Tensor");
+
+  // Optimizer steps over lists of tensors of one device (multi-tensor), updated in place.
+  // The value updated is masters[i] when masters is given (float32 copies of low-precision
+  // params; params[i] then receives the rounded result), else params[i]; the optimizer
+  // states have its dtype, grads have the params' dtype. Arithmetic in float32 (float64
+  // for float64 values). Every tensor is contiguous. After the update, in the same pass:
+  //   l1 > 0:       w = sign(w) * max(|w| - lr * l1, 0)                (proximal L1 step)
+  //   max_norm > 0: each row (dim 0) of a tensor of >= 2 dims is scaled by
+  //                 max_norm / ||row|| where ||row|| > max_norm         (max-norm projection)
+  // fastreg/_reference.py (sgd_step_, adam_step_) states the update term by term.
+  // g = grad * inv_grad_scale, negated if maximize; buf = g on first_step, else
+  // momentum * buf + (1 - dampening) * g (L2: g += weight_decay * w first).
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
+      "float lr, float momentum, float dampening, float weight_decay, float l1, float max_norm, bool nesterov, "
+      "bool maximize, bool first_step, float inv_grad_scale) -> ()");
+  // Adam (decoupled=false: L2 added to g) and AdamW (decoupled=true: w *= 1 - lr * weight_decay);
+  // amsgrad when max_exp_avg_sqs is not empty; the bias corrections 1 - beta^step are the host's.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
+      "float bias_correction2, float inv_grad_scale) -> ()");
 }

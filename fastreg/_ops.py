@@ -282,6 +282,26 @@ if _HAVE_TRITON:
         _op.register_fake(_fake)
 
 
+# ------------------------------------------------------------------ optimizer steps
+# sgd_step_, adam_step_: in place over lists of tensors, no outputs, no autograd.
+
+
+def _sgd_step_fake(params, grads, momentum_buffers, masters, lr, momentum, dampening, weight_decay, l1, max_norm,
+                   nesterov, maximize, first_step, inv_grad_scale):
+    return None
+
+
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, beta1, beta2, eps,
+                    weight_decay, decoupled, l1, max_norm, maximize, bias_correction1, bias_correction2,
+                    inv_grad_scale):
+    return None
+
+
+if _ext.defines("adam_step_"):
+    torch.library.register_fake("fastreg::sgd_step_", _sgd_step_fake)
+    torch.library.register_fake("fastreg::adam_step_", _adam_step_fake)
+
+
 def _missing(op, backend):
     def fail(*args, **kwargs):
         raise RuntimeError(f"fastreg op {op!r} has no {backend!r} implementation here")

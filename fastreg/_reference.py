@@ -154,3 +154,80 @@ def bn_bwd_apply(dy, x, mean, var, weight, eps, sum_dy=None, sum_dy_xhat=None, c
         xhat = (x.to(acc) - _per_channel(mean)) * _per_channel(invstd)
         g = g - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat / count)
     return (g * _per_channel(scale)).to(x.dtype)
+
+
+# ---------------------------------------------------------------- optimizer steps
+# The contract of sgd_step_ / adam_step_ (csrc/ops.cpp), term by term: the kernels follow
+# these lines in this order, in the accumulate dtype (float32, float64 for float64 values).
+
+
+def _prox_and_project(w, lr, l1, max_norm):
+    """The regularization applied after the update: proximal L1, then max-norm rows."""
+    if l1 > 0:
+        w = torch.sign(w) * torch.clamp(w.abs() - lr * l1, min=0)
+    if max_norm > 0 and w.dim() >= 2:
+        norms = w.reshape(w.shape[0], -1).pow(2).sum(1).sqrt()
+        scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+        w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+    return w
+
+
+def _write_back(params, masters, i, w):
+    if masters:
+        masters[i].copy_(w)
+        params[i].copy_(w)  # rounded to the param's dtype
+    else:
+        params[i].copy_(w)
+
+
+def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening, weight_decay, l1, max_norm,
+              nesterov, maximize, first_step, inv_grad_scale):
+    """torch.optim.SGD's update (plus l1 and max_norm), in place."""
+    for i, param in enumerate(params):
+        value = masters[i] if masters else param
+        acc = _acc(value)
+        w = value.to(acc)
+        g = grads[i].to(acc) * inv_grad_scale
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + weight_decay * w
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            b = g if first_step else buf.to(acc) * momentum + (1 - dampening) * g
+            buf.copy_(b)
+            b = buf.to(acc)  # as stored
+            g = g + momentum * b if nesterov else b
+        w = _prox_and_project(w - lr * g, lr, l1, max_norm)
+        _write_back(params, masters, i, w)
+
+
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, beta1, beta2, eps,
+               weight_decay, decoupled, l1, max_norm, maximize, bias_correction1, bias_correction2,
+               inv_grad_scale):
+    """torch.optim.Adam / AdamW's update (plus l1 and max_norm), in place."""
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    for i, param in enumerate(params):
+        value = masters[i] if masters else param
+        acc = _acc(value)
+        w = value.to(acc)
+        g = grads[i].to(acc) * inv_grad_scale
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            if decoupled:
+                w = w * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * w
+        m = exp_avgs[i].to(acc)
+        m = m + (1 - beta1) * (g - m)
+        v = exp_avg_sqs[i].to(acc) * beta2 + (1 - beta2) * g * g
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if max_exp_avg_sqs:
+            v = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
+            max_exp_avg_sqs[i].copy_(v)
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        w = _prox_and_project(w - step_size * (m / denom), lr, l1, max_norm)
+        _write_back(params, masters, i, w)
