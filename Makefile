@@ -1,5 +1,5 @@
 # fastreg: every command sets up what it needs (a .venv in the repo root, torch, the build).
-#   make demo   set up, build, run the demo and the quick benchmark on this machine's device
+#   make demo   set up, build, run the regularization demo, then the quick benchmark on this machine's device
 #   make test   set up, build, run the test suite (and the benchmark smoke tests)
 PYTHON      ?= python3
 VENV        := .venv
@@ -32,8 +32,7 @@ test: build
 	FASTREG_EXPECT_BUILD=$(if $(HAVE_NVCC),cuda,cpu) $(PY) -m pytest tests bench -q --benchmark-disable
 
 demo: build
-	$(PY) examples/dropout_demo.py
-	$(PY) -m fastreg.bench --quick
+	$(PY) examples/regularization_demo.py
 
 bench: build
 	$(PY) -m fastreg.bench

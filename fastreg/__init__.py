@@ -8,12 +8,14 @@
 from fastreg import _ops  # noqa: F401  (registers the operators)
 from fastreg import functional, nn
 from fastreg._backend import available_backends, backend_supports, get_backend, set_backend, use_backend
+from fastreg._convert import convert
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
     "backend_supports",
+    "convert",
     "functional",
     "get_backend",
     "nn",
