@@ -56,7 +56,8 @@ def _make_step_inputs(optimizer, param_dtype, with_masters, device, max_norm, am
         value = _random(shape, torch.float64, "cpu", generator)
         if len(shape) >= 2:  # row norms from 0.2 to 3 times the bound
             rows = value.reshape(shape[0], -1)
-            target = torch.linspace(0.2, 3.0, shape[0], dtype=torch.float64)[torch.randperm(shape[0], generator=generator)]
+            order = torch.randperm(shape[0], generator=generator)
+            target = torch.linspace(0.2, 3.0, shape[0], dtype=torch.float64)[order]
             rows *= (target * max_norm / rows.norm(dim=1)).unsqueeze(1)
         values.append(value.to(device=device, dtype=value_dtype))
     masters = values if with_masters else []

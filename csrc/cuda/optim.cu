@@ -487,7 +487,7 @@ void multi_tensor_step(at::TensorList params, at::TensorList grads, at::TensorLi
       slot.rows_per_item = projected ? static_cast<int32_t>(std::max<int64_t>(1, kRowElements / slot.row_len)) : 0;
       // vector accesses when every pointer is aligned to kVec of its own elements
       bool vectorized = aligned_to(slot.param, kVec * params[i].element_size()) &&
-                   aligned_to(slot.grad, kVec * grads[i].element_size());
+                        aligned_to(slot.grad, kVec * grads[i].element_size());
       const size_t value_size = masters.empty() ? params[i].element_size() : sizeof(float);
       for (const void* state : {static_cast<const void*>(slot.state0), static_cast<const void*>(slot.state1),
                                 static_cast<const void*>(slot.state2), static_cast<const void*>(slot.master)}) {
@@ -505,7 +505,8 @@ void multi_tensor_step(at::TensorList params, at::TensorList grads, at::TensorLi
   }
   // One host-to-device copy for every group; the pinned block is not reused before the
   // copy has run (the caching host allocator records it on the stream).
-  at::Tensor device = at::empty({static_cast<int64_t>(bytes)}, host.options().pinned_memory(false).device(params[0].device()));
+  at::Tensor device =
+      at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(params[0].device()));
   device.copy_(host, /*non_blocking=*/true);
   const uint8_t* device_base = device.const_data_ptr<uint8_t>();
 
