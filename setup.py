@@ -60,7 +60,7 @@ setup(
     description="Fused, exact kernels for regularization and normalization layers (Triton, CUDA, C++)",
     python_requires=">=3.10",
     install_requires=["torch"],
-    packages=["fastreg", "fastreg.nn", "fastreg.bench", "fastreg.triton_kernels"],
+    packages=["fastreg", "fastreg.nn", "fastreg.optim", "fastreg.bench", "fastreg.triton_kernels"],
     package_dir={"fastreg.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
