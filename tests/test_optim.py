@@ -575,3 +575,15 @@ def test_step_ops_pass_opcheck():
         sgd["params"], sgd["grads"], sgd["momentum_buffers"], sgd["masters"],
         0.1, 0.9, 0.0, 0.0, 0.1, 1.0, False, False, False, 1.0))
 
+
+
+def test_optimizer_pickles_and_deep_copies():
+    import pickle
+
+    model = _mlp()
+    opt = fastreg.optim.AdamW(model.parameters(), lr=1e-2, l1=1e-3, max_norm=5.0)
+    _train(model, opt, 2)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.param_groups[0]["l1"] == 1e-3 and clone.defaults["max_norm"] == 5.0
+        clone.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+        assert clone.param_groups[-1]["l1"] == 1e-3

@@ -20,6 +20,7 @@ from fastreg import _backend, _ops
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.float64) + _LOW_PRECISION
 # State entries that have the dtype of the value updated (float32 when there are masters).
+_OPTION_DEFAULTS = {"l1": 0.0, "max_norm": None, "master_weights": False}
 _VALUE_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param")
 
 
@@ -77,6 +78,8 @@ class _FastregStep:
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # unpickling skips __init__: the defaults hold fastreg's options too
+        self._fastreg_defaults = {key: self.defaults.get(key, value) for key, value in _OPTION_DEFAULTS.items()}
         for group in self.param_groups:
             for key, value in self._fastreg_defaults.items():
                 group.setdefault(key, value)  # a torch optimizer's state_dict lacks them
