@@ -14,6 +14,7 @@ import torch
 
 import fastreg
 from fastreg import _ops, _reference
+from tests.conftest import needs_gpu
 
 # relative to the tensor's largest element: elementwise relative errors of elements near
 # zero are meaningless after 25 steps of ulp differences (lerp, fused multiply-adds in torch)
@@ -206,6 +207,19 @@ def test_state_dict_loads_both_ways_and_training_continues_identically(pair, dir
     _assert_models_close(back_model, model)
 
 
+@needs_gpu
+def test_a_step_count_saved_on_the_gpu_by_fused_adamw_moves_to_the_cpu():
+    model = _mlp("cuda")
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _train(model, torch_opt, 2)
+    assert next(iter(torch_opt.state.values()))["step"].device.type == "cuda"
+    ours = fastreg.optim.AdamW(model.parameters(), lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for state in ours.state.values():
+        assert state["step"].device.type == "cpu" and state["step"].item() == 2
+        assert state["exp_avg"].device.type == "cuda"
+
+
 def test_master_weights_survive_a_state_dict_round_trip():
     params = [torch.randn(8, 8).bfloat16().requires_grad_()]
     opt = fastreg.optim.AdamW(params, lr=1e-2, master_weights=True)
@@ -247,6 +261,14 @@ def test_l1_is_a_proximal_step_with_exact_zeros(step_backend, opt_name):
         _assert_close(ours, theirs)
         shrunk_to_zero = updated.abs() <= lr * l1 * (1 - 1e-5)
         assert shrunk_to_zero.any() and (ours.detach()[shrunk_to_zero] == 0).all()
+
+
+def test_l1_leaves_a_nan_visible(step_backend):
+    p = torch.nn.Parameter(torch.tensor([1.0, float("nan"), -2.0, 0.01] * 4, device=step_backend[1]))
+    p.grad = torch.zeros_like(p)
+    fastreg.optim.SGD([p], lr=0.1, l1=0.5).step()
+    expected = torch.tensor([0.95, float("nan"), -1.95, 0.0] * 4, device=step_backend[1])
+    torch.testing.assert_close(p.detach(), expected, equal_nan=True)
 
 
 def test_elastic_net_is_decay_then_update_then_prox(step_backend):

@@ -78,11 +78,11 @@ __attribute__((always_inline)) inline V vsqrt(V v) {
 }
 
 // sign(w) * max(|w| - threshold, 0), as the reference writes it (for threshold >= 0 the
-// sign of w == 0 does not matter: the result is zero).
+// sign of w == 0 does not matter: the result is zero). A NaN stays NaN, as in torch.
 template <typename V, typename acc_t>
 __attribute__((always_inline)) inline V l1_prox(V w, acc_t threshold) {
   V shrunk = (w < acc_t(0) ? -w : w) - threshold;
-  shrunk = shrunk > acc_t(0) ? shrunk : V{};
+  shrunk = shrunk < acc_t(0) ? V{} : shrunk;
   return w < acc_t(0) ? -shrunk : shrunk;
 }
 
@@ -308,8 +308,11 @@ FASTREG_CPU_CLONES void sgd_range(const StepTensors<param_t, value_t>& s, value_
   const param_t* grad = s.grads[t];
   value_t* buf = c.has_momentum ? bufs[t] : nullptr;
   int64_t j = begin;
-  for (; j + W <= end; j += W) sgd_at<Vec<acc_t>>(c, r, value + j, grad + j, buf + j, dst + (j - begin));
-  for (; j < end; ++j) sgd_at<acc_t>(c, r, value + j, grad + j, buf + j, dst + (j - begin));
+  // (no pointer arithmetic on the absent buffer)
+  for (; j + W <= end; j += W) {
+    sgd_at<Vec<acc_t>>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
+  }
+  for (; j < end; ++j) sgd_at<acc_t>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -397,11 +400,12 @@ FASTREG_CPU_CLONES void adam_range(const StepTensors<param_t, value_t>& s, const
   value_t* max_exp_avg_sq = c.amsgrad ? states.max_exp_avg_sqs[t] : nullptr;
   int64_t j = begin;
   for (; j + W <= end; j += W) {
-    adam_at<Vec<acc_t>>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j, max_exp_avg_sq + j,
-                        dst + (j - begin));
+    adam_at<Vec<acc_t>>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
+                        max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
   }
   for (; j < end; ++j) {
-    adam_at<acc_t>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j, max_exp_avg_sq + j, dst + (j - begin));
+    adam_at<acc_t>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
+                   max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
   }
 }
 
