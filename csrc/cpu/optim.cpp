@@ -298,9 +298,11 @@ __attribute__((always_inline)) inline void sgd_at(const SgdScalars<acc_t>& c, co
   store_as(dst, updated);
 }
 
+// The scalars come by value: local copies cannot alias the tensors stored to, so they stay
+// in registers (through a reference, every store to a float could change them).
 template <typename param_t, typename value_t>
 FASTREG_CPU_CLONES void sgd_range(const StepTensors<param_t, value_t>& s, value_t* const* bufs,
-                                  const SgdScalars<acc_type<value_t>>& c, const Regularizers<acc_type<value_t>>& r,
+                                  const SgdScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
                                   int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
   using acc_t = acc_type<value_t>;
   constexpr int64_t W = kWidth<acc_t>;
@@ -389,7 +391,7 @@ struct AdamStates {
 
 template <typename param_t, typename value_t>
 FASTREG_CPU_CLONES void adam_range(const StepTensors<param_t, value_t>& s, const AdamStates<value_t>& states,
-                                   const AdamScalars<acc_type<value_t>>& c, const Regularizers<acc_type<value_t>>& r,
+                                   const AdamScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
                                    int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
   using acc_t = acc_type<value_t>;
   constexpr int64_t W = kWidth<acc_t>;
