@@ -330,6 +330,25 @@ def test_param_groups_keep_their_own_settings(step_backend):
     assert our_opt.param_groups[2]["lr"] == 5e-3 and our_opt.param_groups[2]["weight_decay"] == 1e-2
 
 
+@pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
+def test_non_contiguous_params_are_updated_in_place(step_backend, opt_name):
+    device = step_backend[1]
+    kwargs = dict(lr=1e-2, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-2, amsgrad=True)
+    start = torch.randn(6, 8, device=device)
+    theirs = torch.nn.Parameter(start.t().contiguous().t())  # transposed strides
+    ours = torch.nn.Parameter(start.t().contiguous().t())
+    assert not ours.is_contiguous()
+    torch_opt = getattr(torch.optim, opt_name)([theirs], **kwargs)
+    our_opt = getattr(fastreg.optim, opt_name)([ours], **kwargs)
+    for step in range(3):
+        g = torch.randn(6, 8, generator=torch.Generator().manual_seed(step)).to(device)
+        theirs.grad, ours.grad = g.clone(), g.clone()
+        torch_opt.step()
+        our_opt.step()
+    assert ours.stride() == theirs.stride()
+    _assert_close(ours, theirs)
+
+
 def test_empty_groups_and_params_without_grads():
     model = _mlp()
     frozen = torch.nn.Parameter(torch.randn(5))
