@@ -6,7 +6,7 @@
 """
 
 from fastreg import _ops  # noqa: F401  (registers the operators)
-from fastreg import functional, nn
+from fastreg import functional, nn, optim
 from fastreg._backend import available_backends, backend_supports, get_backend, set_backend, use_backend
 from fastreg._convert import convert
 
@@ -19,6 +19,7 @@ __all__ = [
     "functional",
     "get_backend",
     "nn",
+    "optim",
     "set_backend",
     "use_backend",
 ]

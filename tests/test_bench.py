@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastreg.bench.__main__ import main
-from fastreg.bench.ops import OPS
+from fastreg.bench.ops import LAYER_MODES, OPS, STEP_MODES
 
 
 @pytest.mark.parametrize("op, shape, text", [("dropout", [4096], "4,096"),
@@ -35,6 +35,23 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys, op, shape, text)
 def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
     for op in OPS.values():
         assert set(op.shapes) == {"cuda", "cpu"} and all(full and quick for full, quick in op.shapes.values())
-        assert set(op.bytes_per_element) == {"fwd", "bwd", "fwd+bwd"}
-        # a training forward may write more than an inference one (what backward reads)
-        assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]
+        assert op.modes in (LAYER_MODES, STEP_MODES) and set(op.bytes_per_element) == set(op.modes)
+        assert all(bytes_per_element > 0 for bytes_per_element in op.bytes_per_element.values())
+        if op.modes == LAYER_MODES:
+            # a training forward may write more than an inference one (what backward reads)
+            assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]
+    # the optimizer steps: 28 B/param for AdamW and 20 for SGD + momentum in float32
+    assert OPS["adamw"].min_bytes("step", 1, torch.float32) == 28
+    assert OPS["sgd_momentum"].min_bytes("step", 1, torch.float32) == 20
+
+
+def test_bench_cli_times_optimizer_steps(tmp_path, capsys):
+    assert main(["optim", "--device", "cpu", "--quick", "--shapes", "3x1000", "--min-time", "0.01",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "optim-quick.json").read_text())
+    rows = report["results"]
+    assert {r["op"] for r in rows} == {"adamw", "sgd_momentum"} and {r["mode"] for r in rows} == {"step"}
+    assert {"torch", "torch-foreach", "torch-fused"} <= {r["provider"] for r in rows}
+    for row in rows:
+        assert row["error"] is None and row["gbps"] > 0 and row["numel"] == 3000
+    assert "| adamw | step | 3x1000 | float32 |" in capsys.readouterr().out

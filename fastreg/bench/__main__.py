@@ -7,20 +7,21 @@ import sys
 import torch
 
 from fastreg.bench import runner
-from fastreg.bench.ops import OPS
+from fastreg.bench.ops import GROUPS, OPS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__)
-    parser.add_argument("ops", nargs="*", choices=[[]] + sorted(OPS), help="ops to run (default: all)")
+    parser.add_argument("ops", nargs="*", choices=[[]] + sorted(OPS) + sorted(GROUPS),
+                        help="ops to run, or a group of them (optim: the optimizer steps); default: all")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quick", action="store_true", help="the smallest sizes only")
     parser.add_argument("--out", help="output folder (default: bench/results/<device>)")
     parser.add_argument("--backends", nargs="+", help="fastreg backends to time (default: those that run natively)")
-    parser.add_argument("--modes", nargs="+", choices=runner.MODES, default=list(runner.MODES))
+    parser.add_argument("--modes", nargs="+", choices=runner.MODES, help="default: each op's own modes")
     parser.add_argument("--shapes", nargs="+", type=runner.parse_shape,
                         help="shapes of the main input (4096, 8192x1024), replacing the op's own")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per CPU measurement")
@@ -28,14 +29,14 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
-    ops = args.ops or sorted(OPS)
+    ops = [name for arg in args.ops or sorted(OPS) for name in GROUPS.get(arg, [arg])]
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
                                  args.modes, args.min_time)
     env = runner.environment(args.device)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or f"bench/results/{slug}"
-    name = "-".join(ops) + ("-quick" if args.quick else "")
+    name = "-".join(args.ops or ops) + ("-quick" if args.quick else "")
     paths = runner.write(rows, copy_gbps, env, vars(args), out, name)
     print(runner.markdown(rows, copy_gbps, env))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)

@@ -3,9 +3,13 @@
 Adding an op is adding one `BenchOp` to `OPS`. Its byte model gives, per mode, the bytes
 per element of the main input a kernel must move at the least (E = element size), the
 figure behind the GB/s column; see the table in the engineering guide.
+
+Layer ops run the modes fwd, bwd and fwd+bwd. Optimizer ops run one mode, `step`: their
+"main input" is the parameter set, shape (tensors, elements per tensor), and their
+functions build an optimizer over it (see `make_callable`).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,6 +21,9 @@ Fn = Callable[[], object]
 
 
 Shape = tuple[int, ...]
+
+LAYER_MODES = ("fwd", "bwd", "fwd+bwd")
+STEP_MODES = ("step",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,9 @@ class BenchOp:
     torch_fn: Callable[..., torch.Tensor]  # the same op in eager PyTorch
     make_inputs: Callable[[Shape, torch.dtype, str], tuple[torch.Tensor, ...]] = None
     differentiable: int | None = None  # how many leading inputs get gradients (None: every floating one)
+    modes: tuple[str, ...] = LAYER_MODES
+    # more eager torch providers than `torch_fn`: name -> function (e.g. torch-fused)
+    torch_variants: dict[str, Callable[..., object]] = field(default_factory=dict)
 
     def inputs(self, shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
         if self.make_inputs is None:
@@ -49,8 +59,14 @@ def make_callable(op: BenchOp, fn, mode: str, shape: Shape, dtype: torch.dtype, 
     bwd:      the gradients of a precomputed y with respect to the differentiable inputs
               (autograd.grad, nothing accumulated)
     fwd+bwd:  both, as a training step runs them
+    step:     optimizer.step() of the optimizer fn builds over the inputs (params with
+              grads), after one untimed step that creates its state
     """
     inputs = op.inputs(shape, dtype, device)
+    if mode == "step":
+        optimizer = fn(*inputs)
+        optimizer.step()
+        return optimizer.step
     if mode == "fwd":
         return lambda: fn(*inputs)
     for index, t in enumerate(inputs):
@@ -119,6 +135,26 @@ def _batch_norm_eval_fastreg(x, w, b, running_mean, running_var):
 
 def _batch_norm_eval_torch(x, w, b, running_mean, running_var):
     return torch_F.batch_norm(x, running_mean, running_var, w, b, training=False, eps=EPS)
+
+
+# Optimizer steps: 100M params in 200 tensors on a GPU, 10M in 100 on a CPU.
+OPTIM_SHAPES = {"cuda": ([(200, 500_000)], [(200, 50_000)]), "cpu": ([(100, 100_000)], [(20, 50_000)])}
+LR, WEIGHT_DECAY, MOMENTUM = 1e-3, 1e-2, 0.9
+
+
+def _params_with_grads(shape, dtype, device):
+    tensors, numel = shape
+    params = []
+    for _ in range(tensors):
+        p = torch.nn.Parameter(torch.randn(numel, device=device).to(dtype))
+        p.grad = torch.randn_like(p)
+        params.append(p)
+    return tuple(params)
+
+
+def _step_variants(torch_cls, **kwargs):
+    return {"torch-foreach": lambda *params: torch_cls(params, foreach=True, **kwargs),
+            "torch-fused": lambda *params: torch_cls(params, fused=True, **kwargs)}
 
 
 def _dropout_add_layer_norm_eager(x, residual, weight, bias):
@@ -192,5 +228,30 @@ OPS = {
             fastreg_fn=_batch_norm_eval_fastreg,
             torch_fn=_batch_norm_eval_torch,
         ),
+        BenchOp(
+            name="adamw",
+            # read p, g, exp_avg, exp_avg_sq; write p, exp_avg, exp_avg_sq (28 B/param in float32)
+            bytes_per_element={"step": 7},
+            shapes=OPTIM_SHAPES,
+            make_inputs=_params_with_grads,
+            modes=STEP_MODES,
+            fastreg_fn=lambda *params: fastreg.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY),
+            # torch's default: foreach on CUDA, a loop over the tensors on CPU
+            torch_fn=lambda *params: torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY),
+            torch_variants=_step_variants(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY),
+        ),
+        BenchOp(
+            name="sgd_momentum",
+            # read p, g, momentum_buffer; write p, momentum_buffer (20 B/param in float32)
+            bytes_per_element={"step": 5},
+            shapes=OPTIM_SHAPES,
+            make_inputs=_params_with_grads,
+            modes=STEP_MODES,
+            fastreg_fn=lambda *params: fastreg.optim.SGD(params, lr=LR, momentum=MOMENTUM),
+            torch_fn=lambda *params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM),
+            torch_variants=_step_variants(torch.optim.SGD, lr=LR, momentum=MOMENTUM),
+        ),
     ]
 }
+# `python -m fastreg.bench optim`: the optimizer steps
+GROUPS = {"optim": ["adamw", "sgd_momentum"]}

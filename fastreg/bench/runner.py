@@ -19,9 +19,9 @@ import math
 import torch
 
 import fastreg
-from fastreg.bench.ops import OPS, make_callable
+from fastreg.bench.ops import LAYER_MODES, OPS, STEP_MODES, make_callable
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = LAYER_MODES + STEP_MODES
 
 
 @dataclass
@@ -72,19 +72,23 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float)
     return 2 * numel * dtype.itemsize / timing.median_ms / 1e6
 
 
-def providers(device: str, backends: list[str] | None) -> list[str]:
-    """fastreg backends that run on `device` (triton through the interpreter only if asked), then torch's."""
+def providers(op, device: str, backends: list[str] | None) -> list[str]:
+    """fastreg backends that run on `device` (triton through the interpreter only if asked), then torch's:
+    eager, the op's variants, and torch.compile for layer ops."""
     if backends is None:
         backends = [
             b for b in fastreg.available_backends()
             if fastreg.backend_supports(b, device) and b != "torch" and not (b == "triton" and device == "cpu")
         ]
-    return [f"fastreg-{b}" for b in backends] + ["torch", "torch.compile"]
+    compiled = ["torch.compile"] if op.modes == LAYER_MODES else []
+    return [f"fastreg-{b}" for b in backends] + ["torch", *op.torch_variants] + compiled
 
 
 def _provider_fn(op, provider: str):
     if provider == "torch":
         return op.torch_fn
+    if provider in op.torch_variants:
+        return op.torch_variants[provider]
     if provider == "torch.compile":
         return torch.compile(op.torch_fn)
     backend = provider.removeprefix("fastreg-")
@@ -106,8 +110,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.lower().split("x"))
 
 
-def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=MODES, min_time=0.5, log=sys.stderr):
-    """Measure everything; returns (rows, copy GB/s per (numel, dtype))."""
+def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_time=0.5, log=sys.stderr):
+    """Measure everything; returns (rows, copy GB/s per (numel, dtype)). `modes`: those of
+    each op's own modes to run (None: all of them)."""
     # "bwd" runs backward over one graph again and again (retain_graph), which compiled
     # graphs that donate their saved buffers refuse
     torch._functorch.config.donated_buffer = False
@@ -117,8 +122,8 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=MODES, min
         full, quick_shapes = op.shapes[device]
         for shape in shapes or (quick_shapes if quick else full):
             for dtype in dtypes:
-                for mode in modes:
-                    for provider in providers(device, backends):
+                for mode in (m for m in op.modes if modes is None or m in modes):
+                    for provider in providers(op, device, backends):
                         plan.append((op, mode, tuple(shape), dtype, provider))
     if backends is None and device == "cpu":
         print("note: triton on CPU runs in the interpreter; skipped (ask with --backends triton)", file=log)

@@ -1,0 +1,463 @@
+// SGD and Adam/AdamW steps on lists of CPU tensors (multi-tensor), in place: one
+// at::parallel_for over (tensor, chunk) work items covering every tensor of the call.
+// The update follows fastreg/_reference.py (sgd_step_, adam_step_) operation by operation
+// in the accumulate type (float, double for double values), so results agree with it to
+// the rounding of that type. Inner loops run on explicit 32-byte vectors with a scalar
+// tail through the same templated element code (csrc/cpu/vectorize.h).
+//
+// The L1 prox and the max-norm projection run in the same pass: a max-norm work item owns
+// whole rows, updates a row, then takes its norm and rescales it while it is in cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "fastreg/welford.h"
+#include "vectorize.h"
+
+namespace fastreg {
+namespace {
+
+// Elements per work item: large enough that a parallel_for task outweighs its overhead,
+// small enough that 10 tensors still split across the cores.
+constexpr int64_t kChunk = 1 << 15;
+// Elements updated into scratch (or in place) before the write-back to the rounded
+// param: stays in L1.
+constexpr int64_t kBlock = 1024;
+
+// ---------------------------------------------------------------- vector/scalar helpers
+// The element code is written once for V = acc_t (the tail) and V = Vec<acc_t>.
+
+template <typename V>
+constexpr bool kIsScalar = std::is_arithmetic_v<V>;
+
+template <typename V, typename T>
+__attribute__((always_inline)) inline V load_as(const T* p) {
+  if constexpr (kIsScalar<V>) {
+    return static_cast<V>(*p);
+  } else {
+    using acc_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      return load(p);
+    } else {
+      V v;
+      for (int64_t k = 0; k < kWidth<acc_t>; ++k) v[k] = static_cast<acc_t>(p[k]);
+      return v;
+    }
+  }
+}
+
+template <typename T, typename V>
+__attribute__((always_inline)) inline void store_as(T* p, V v) {
+  if constexpr (kIsScalar<V>) {
+    *p = static_cast<T>(v);
+  } else {
+    using acc_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      store(p, v);
+    } else {
+      for (int64_t k = 0; k < kWidth<acc_t>; ++k) p[k] = static_cast<T>(v[k]);
+    }
+  }
+}
+
+template <typename V>
+__attribute__((always_inline)) inline V vsqrt(V v) {
+  if constexpr (kIsScalar<V>) {
+    return std::sqrt(v);
+  } else {
+    using acc_t = std::remove_cvref_t<decltype(v[0])>;
+    for (int64_t k = 0; k < kWidth<acc_t>; ++k) v[k] = std::sqrt(v[k]);
+    return v;
+  }
+}
+
+// sign(w) * max(|w| - threshold, 0), as the reference writes it (for threshold >= 0 the
+// sign of w == 0 does not matter: the result is zero). A NaN stays NaN, as in torch.
+template <typename V, typename acc_t>
+__attribute__((always_inline)) inline V l1_prox(V w, acc_t threshold) {
+  V shrunk = (w < acc_t(0) ? -w : w) - threshold;
+  shrunk = shrunk < acc_t(0) ? V{} : shrunk;
+  return w < acc_t(0) ? -shrunk : shrunk;
+}
+
+// ---------------------------------------------------------------- the work list
+
+struct WorkItem {
+  int64_t tensor, begin, end;  // elements [begin, end) of one tensor
+  int64_t row_length;  // > 0: max-norm rows of this length; the range holds whole rows
+};
+
+// (tensor, chunk) items covering every tensor; whole rows where max-norm applies.
+std::vector<WorkItem> work_items(const at::TensorList params, double max_norm) {
+  std::vector<WorkItem> items;
+  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
+    const int64_t n = params[t].numel();
+    if (n == 0) continue;
+    if (max_norm > 0 && params[t].dim() >= 2) {
+      const int64_t row = n / params[t].size(0);
+      const int64_t rows_per_item = std::max<int64_t>(1, kChunk / row);
+      for (int64_t begin = 0; begin < n; begin += rows_per_item * row) {
+        items.push_back({t, begin, std::min(n, begin + rows_per_item * row), row});
+      }
+    } else {
+      for (int64_t begin = 0; begin < n; begin += kChunk) items.push_back({t, begin, std::min(n, begin + kChunk), 0});
+    }
+  }
+  return items;
+}
+
+// What every step shares: the values updated (the params, or their fp32 masters), the
+// params to round into when there are masters, and the regularizers after the update.
+template <typename param_t, typename value_t>
+struct StepTensors {
+  static constexpr bool kMasters = !std::is_same_v<param_t, value_t>;
+  std::vector<value_t*> values;
+  std::vector<param_t*> params;  // written from the values when kMasters
+  std::vector<const param_t*> grads;
+};
+
+template <typename acc_t>
+struct Regularizers {
+  acc_t l1_threshold;  // lr * l1
+  acc_t max_norm;
+  bool l1, project;
+};
+
+// The updated values of [begin, end) of tensor t are in dst (acc_t; the value tensor
+// itself when values are acc_t). Applies max-norm to whole rows (L1 was applied per
+// element), then stores them into the value tensor and the rounded params.
+template <typename param_t, typename value_t, typename acc_t>
+__attribute__((always_inline)) inline void finish_range(const StepTensors<param_t, value_t>& s,
+                                                        const Regularizers<acc_t>& r, int64_t t, int64_t begin,
+                                                        int64_t end, acc_t* __restrict dst, int64_t row_length) {
+  constexpr int64_t W = kWidth<acc_t>;
+  const int64_t n = end - begin;
+  if (row_length > 0) {
+    for (int64_t row = 0; row < n; row += row_length) {
+      acc_t* __restrict w = dst + row;
+      const acc_t norm = std::sqrt(vector_sum(w, row_length, [](auto x) { return x * x; }));
+      if (norm > r.max_norm) {
+        const acc_t scale = r.max_norm / norm;
+        int64_t j = 0;
+        for (; j + W <= row_length; j += W) store(w + j, load(w + j) * scale);
+        for (; j < row_length; ++j) w[j] = w[j] * scale;
+      }
+    }
+  }
+  if constexpr (std::is_same_v<value_t, acc_t>) {
+    if constexpr (StepTensors<param_t, value_t>::kMasters) {
+      param_t* __restrict p = s.params[t] + begin;
+      for (int64_t j = 0; j < n; ++j) p[j] = static_cast<param_t>(dst[j]);
+    }
+  } else {  // low-precision values without masters: dst is scratch
+    value_t* __restrict v = s.values[t] + begin;
+    for (int64_t j = 0; j < n; ++j) v[j] = static_cast<value_t>(dst[j]);
+  }
+}
+
+// Runs update(t, begin, end, dst) over the work items, in blocks of whole rows (max-norm)
+// or of kBlock elements, then finish_range. dst is the value tensor itself for acc_t
+// values, else a scratch block.
+template <typename param_t, typename value_t, typename Update>
+void run_steps(const StepTensors<param_t, value_t>& s, const Regularizers<acc_type<value_t>>& r,
+               const std::vector<WorkItem>& items, Update update) {
+  using acc_t = acc_type<value_t>;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> scratch;
+    for (int64_t k = first; k < last; ++k) {
+      const WorkItem& item = items[k];
+      const int64_t block = item.row_length > 0 ? std::max(item.row_length, kBlock / item.row_length * item.row_length)
+                                                : kBlock;
+      if constexpr (!std::is_same_v<value_t, acc_t>) scratch.resize(std::max<int64_t>(scratch.size(), block));
+      for (int64_t begin = item.begin; begin < item.end; begin += block) {
+        const int64_t end = std::min(item.end, begin + block);
+        acc_t* dst;
+        if constexpr (std::is_same_v<value_t, acc_t>) {
+          dst = s.values[item.tensor] + begin;
+        } else {
+          dst = scratch.data();
+        }
+        update(item.tensor, begin, end, dst);
+        if (item.row_length > 0 || s.kMasters || !std::is_same_v<value_t, acc_t>) {
+          finish_range(s, r, item.tensor, begin, end, dst, item.row_length);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- checks
+
+void check_list(const char* op, const char* name, at::TensorList list, at::TensorList params, bool may_be_empty,
+                c10::optional<at::ScalarType> dtype) {
+  if (may_be_empty && list.empty()) return;
+  TORCH_CHECK(list.size() == params.size(), "fastreg::", op, ": '", name, "' has ", list.size(),
+              " tensors but 'params' has ", params.size(), may_be_empty ? " (it may also be empty)" : "");
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.device() == params[0].device(), "fastreg::", op, ": ", name, "[", i, "] is on ", t.device(),
+                " but params[0] is on ", params[0].device(), "; all tensors of one call share a device");
+    TORCH_CHECK(t.is_contiguous(), "fastreg::", op, ": ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(t.numel() == params[i].numel(), "fastreg::", op, ": ", name, "[", i, "] has ", t.numel(),
+                " elements but params[", i, "] has ", params[i].numel());
+    if (dtype.has_value()) {
+      TORCH_CHECK(t.scalar_type() == *dtype, "fastreg::", op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                  ", expected ", *dtype);
+    }
+  }
+}
+
+// Checks params and grads, and returns the dtype of the values updated (and of the states).
+at::ScalarType check_params(const char* op, at::TensorList params, at::TensorList grads, at::TensorList masters) {
+  const at::ScalarType dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "fastreg::", op, ": params must be float32, float64, bfloat16 or float16, got ", dtype);
+  check_list(op, "params", params, params, false, dtype);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), "fastreg::", op, ": params[", i, "] is on ", params[i].device(),
+                ", this is the CPU kernel");
+  }
+  check_list(op, "grads", grads, params, false, dtype);
+  if (masters.empty()) return dtype;
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "fastreg::", op,
+              ": 'masters' are float32 copies of bfloat16 or float16 params, but params are ", dtype);
+  check_list(op, "masters", masters, params, false, at::kFloat);
+  return at::kFloat;
+}
+
+template <typename param_t, typename value_t>
+StepTensors<param_t, value_t> step_tensors(at::TensorList params, at::TensorList grads, at::TensorList masters) {
+  StepTensors<param_t, value_t> s;
+  for (size_t i = 0; i < params.size(); ++i) {
+    s.params.push_back(params[i].mutable_data_ptr<param_t>());
+    s.grads.push_back(grads[i].const_data_ptr<param_t>());
+    if constexpr (StepTensors<param_t, value_t>::kMasters) {
+      s.values.push_back(masters[i].mutable_data_ptr<value_t>());
+    } else {
+      s.values.push_back(params[i].mutable_data_ptr<value_t>());
+    }
+  }
+  return s;
+}
+
+template <typename value_t>
+std::vector<value_t*> pointers(at::TensorList list) {
+  std::vector<value_t*> out;
+  for (const at::Tensor& t : list) out.push_back(t.mutable_data_ptr<value_t>());
+  return out;
+}
+
+// Calls body<param_t, value_t>() for the params' dtype, with value_t = float for masters.
+template <typename Body>
+void dispatch_types(at::ScalarType param_dtype, bool masters, Body body) {
+  switch (param_dtype) {
+    case at::kFloat:
+      return body.template operator()<float, float>();
+    case at::kDouble:
+      return body.template operator()<double, double>();
+    case at::kBFloat16:
+      return masters ? body.template operator()<at::BFloat16, float>()
+                     : body.template operator()<at::BFloat16, at::BFloat16>();
+    case at::kHalf:
+      return masters ? body.template operator()<at::Half, float>() : body.template operator()<at::Half, at::Half>();
+    default:
+      TORCH_CHECK(false, "fastreg optimizer step: unsupported dtype ", param_dtype);
+  }
+}
+
+// ---------------------------------------------------------------- SGD
+
+template <typename acc_t>
+struct SgdScalars {
+  acc_t lr, momentum, one_minus_dampening, weight_decay, inv_grad_scale;
+  bool has_momentum, nesterov, maximize, first_step;
+};
+
+template <typename V, typename param_t, typename value_t, typename acc_t>
+__attribute__((always_inline)) inline void sgd_at(const SgdScalars<acc_t>& c, const Regularizers<acc_t>& r,
+                                                  const value_t* value, const param_t* __restrict grad,
+                                                  value_t* __restrict buf, acc_t* dst) {
+  const V w = load_as<V>(value);
+  V g = load_as<V>(grad) * c.inv_grad_scale;
+  if (c.maximize) g = -g;
+  if (c.weight_decay != 0) g = g + c.weight_decay * w;
+  if (c.has_momentum) {
+    V b = c.first_step ? g : load_as<V>(buf) * c.momentum + c.one_minus_dampening * g;
+    store_as(buf, b);
+    if constexpr (!std::is_same_v<value_t, acc_t>) b = load_as<V>(buf);  // as stored
+    g = c.nesterov ? g + c.momentum * b : b;
+  }
+  V updated = w - c.lr * g;
+  if (r.l1) updated = l1_prox(updated, r.l1_threshold);
+  store_as(dst, updated);
+}
+
+// The scalars come by value: local copies cannot alias the tensors stored to, so they stay
+// in registers (through a reference, every store to a float could change them).
+template <typename param_t, typename value_t>
+FASTREG_CPU_CLONES void sgd_range(const StepTensors<param_t, value_t>& s, value_t* const* bufs,
+                                  const SgdScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
+                                  int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
+  using acc_t = acc_type<value_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  const value_t* value = s.values[t];
+  const param_t* grad = s.grads[t];
+  value_t* buf = c.has_momentum ? bufs[t] : nullptr;
+  int64_t j = begin;
+  // (no pointer arithmetic on the absent buffer)
+  for (; j + W <= end; j += W) {
+    sgd_at<Vec<acc_t>>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
+  }
+  for (; j < end; ++j) sgd_at<acc_t>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList masters, double lr, double momentum, double dampening, double weight_decay, double l1,
+                  double max_norm, bool nesterov, bool maximize, bool first_step, double inv_grad_scale) {
+  if (params.empty()) {
+    TORCH_CHECK(grads.empty() && momentum_buffers.empty() && masters.empty(),
+                "fastreg::sgd_step_: 'params' is empty but other lists are not");
+    return;
+  }
+  const at::ScalarType value_dtype = check_params("sgd_step_", params, grads, masters);
+  TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
+              "fastreg::sgd_step_: momentum != 0 needs 'momentum_buffers'");
+  check_list("sgd_step_", "momentum_buffers", momentum_buffers, params, momentum == 0, value_dtype);
+  const std::vector<WorkItem> items = work_items(params, max_norm);
+  dispatch_types(params[0].scalar_type(), !masters.empty(), [&]<typename param_t, typename value_t>() {
+    using acc_t = acc_type<value_t>;
+    const StepTensors<param_t, value_t> s = step_tensors<param_t, value_t>(params, grads, masters);
+    const std::vector<value_t*> bufs = pointers<value_t>(momentum_buffers);
+    const SgdScalars<acc_t> c{static_cast<acc_t>(lr), static_cast<acc_t>(momentum),
+                              static_cast<acc_t>(1 - dampening), static_cast<acc_t>(weight_decay),
+                              static_cast<acc_t>(inv_grad_scale), momentum != 0, nesterov, maximize, first_step};
+    const Regularizers<acc_t> r{static_cast<acc_t>(lr * l1), static_cast<acc_t>(max_norm), l1 > 0, max_norm > 0};
+    run_steps(s, r, items, [&](int64_t t, int64_t begin, int64_t end, acc_t* dst) {
+      sgd_range(s, bufs.data(), c, r, t, begin, end, dst);
+    });
+  });
+}
+
+// ---------------------------------------------------------------- Adam / AdamW
+
+template <typename acc_t>
+struct AdamScalars {
+  acc_t one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor, step_size, bias_correction2_sqrt,
+      inv_grad_scale;
+  bool decoupled, amsgrad, maximize;
+};
+
+template <typename V, typename param_t, typename value_t, typename acc_t>
+__attribute__((always_inline)) inline void adam_at(const AdamScalars<acc_t>& c, const Regularizers<acc_t>& r,
+                                                   const value_t* value, const param_t* __restrict grad,
+                                                   value_t* __restrict exp_avg, value_t* __restrict exp_avg_sq,
+                                                   value_t* __restrict max_exp_avg_sq, acc_t* dst) {
+  V w = load_as<V>(value);
+  V g = load_as<V>(grad) * c.inv_grad_scale;
+  if (c.maximize) g = -g;
+  if (c.weight_decay != 0) {
+    if (c.decoupled) {
+      w = w * c.decay_factor;
+    } else {
+      g = g + c.weight_decay * w;
+    }
+  }
+  V m = load_as<V>(exp_avg);
+  m = m + c.one_minus_beta1 * (g - m);
+  V v = load_as<V>(exp_avg_sq) * c.beta2 + c.one_minus_beta2 * g * g;
+  store_as(exp_avg, m);
+  store_as(exp_avg_sq, v);
+  if (c.amsgrad) {
+    const V previous = load_as<V>(max_exp_avg_sq);
+    v = previous > v ? previous : v;
+    store_as(max_exp_avg_sq, v);
+  }
+  const V denom = vsqrt(v) / c.bias_correction2_sqrt + c.eps;
+  V updated = w - c.step_size * (m / denom);
+  if (r.l1) updated = l1_prox(updated, r.l1_threshold);
+  store_as(dst, updated);
+}
+
+template <typename value_t>
+struct AdamStates {
+  std::vector<value_t*> exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
+};
+
+template <typename param_t, typename value_t>
+FASTREG_CPU_CLONES void adam_range(const StepTensors<param_t, value_t>& s, const AdamStates<value_t>& states,
+                                   const AdamScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
+                                   int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
+  using acc_t = acc_type<value_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  const value_t* value = s.values[t];
+  const param_t* grad = s.grads[t];
+  value_t* exp_avg = states.exp_avgs[t];
+  value_t* exp_avg_sq = states.exp_avg_sqs[t];
+  value_t* max_exp_avg_sq = c.amsgrad ? states.max_exp_avg_sqs[t] : nullptr;
+  int64_t j = begin;
+  for (; j + W <= end; j += W) {
+    adam_at<Vec<acc_t>>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
+                        max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
+  }
+  for (; j < end; ++j) {
+    adam_at<acc_t>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
+                   max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
+  }
+}
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   at::TensorList max_exp_avg_sqs, at::TensorList masters, double lr, double beta1, double beta2,
+                   double eps, double weight_decay, bool decoupled, double l1, double max_norm, bool maximize,
+                   double bias_correction1, double bias_correction2, double inv_grad_scale) {
+  if (params.empty()) {
+    TORCH_CHECK(grads.empty() && exp_avgs.empty() && exp_avg_sqs.empty() && max_exp_avg_sqs.empty() && masters.empty(),
+                "fastreg::adam_step_: 'params' is empty but other lists are not");
+    return;
+  }
+  const at::ScalarType value_dtype = check_params("adam_step_", params, grads, masters);
+  check_list("adam_step_", "exp_avgs", exp_avgs, params, false, value_dtype);
+  check_list("adam_step_", "exp_avg_sqs", exp_avg_sqs, params, false, value_dtype);
+  check_list("adam_step_", "max_exp_avg_sqs", max_exp_avg_sqs, params, true, value_dtype);
+  TORCH_CHECK(bias_correction1 > 0 && bias_correction2 > 0,
+              "fastreg::adam_step_: bias corrections must be positive (1 - beta^step with step >= 1), got ",
+              bias_correction1, " and ", bias_correction2);
+  const std::vector<WorkItem> items = work_items(params, max_norm);
+  dispatch_types(params[0].scalar_type(), !masters.empty(), [&]<typename param_t, typename value_t>() {
+    using acc_t = acc_type<value_t>;
+    const StepTensors<param_t, value_t> s = step_tensors<param_t, value_t>(params, grads, masters);
+    const AdamStates<value_t> states{pointers<value_t>(exp_avgs), pointers<value_t>(exp_avg_sqs),
+                                     pointers<value_t>(max_exp_avg_sqs)};
+    // scalars formed in double, as the reference's Python floats, then rounded once
+    const AdamScalars<acc_t> c{static_cast<acc_t>(1 - beta1),
+                               static_cast<acc_t>(beta2),
+                               static_cast<acc_t>(1 - beta2),
+                               static_cast<acc_t>(eps),
+                               static_cast<acc_t>(weight_decay),
+                               static_cast<acc_t>(1 - lr * weight_decay),
+                               static_cast<acc_t>(lr / bias_correction1),
+                               static_cast<acc_t>(std::sqrt(bias_correction2)),
+                               static_cast<acc_t>(inv_grad_scale),
+                               decoupled,
+                               !max_exp_avg_sqs.empty(),
+                               maximize};
+    const Regularizers<acc_t> r{static_cast<acc_t>(lr * l1), static_cast<acc_t>(max_norm), l1 > 0, max_norm > 0};
+    run_steps(s, r, items, [&](int64_t t, int64_t begin, int64_t end, acc_t* dst) {
+      adam_range(s, states, c, r, t, begin, end, dst);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
+}
+
+}  // namespace fastreg
