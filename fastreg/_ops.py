@@ -302,6 +302,61 @@ if _ext.defines("adam_step_"):
     torch.library.register_fake("fastreg::adam_step_", _adam_step_fake)
 
 
+if _HAVE_TRITON:
+    from fastreg.triton_kernels import optim as _triton_optim
+
+    @torch.library.triton_op("fastreg::sgd_step_triton_", mutates_args={"params", "momentum_buffers", "masters"})
+    def sgd_step_triton_(
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        momentum_buffers: list[torch.Tensor],
+        masters: list[torch.Tensor],
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        l1: float,
+        max_norm: float,
+        nesterov: bool,
+        maximize: bool,
+        first_step: bool,
+        inv_grad_scale: float,
+    ) -> None:
+        _triton_optim.sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening, weight_decay, l1,
+                                max_norm, nesterov, maximize, first_step, inv_grad_scale)
+
+    @torch.library.triton_op(
+        "fastreg::adam_step_triton_",
+        mutates_args={"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"},
+    )
+    def adam_step_triton_(
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        max_exp_avg_sqs: list[torch.Tensor],
+        masters: list[torch.Tensor],
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        decoupled: bool,
+        l1: float,
+        max_norm: float,
+        maximize: bool,
+        bias_correction1: float,
+        bias_correction2: float,
+        inv_grad_scale: float,
+    ) -> None:
+        _triton_optim.adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, beta1, beta2,
+                                 eps, weight_decay, decoupled, l1, max_norm, maximize, bias_correction1,
+                                 bias_correction2, inv_grad_scale)
+
+    sgd_step_triton_.register_fake(_sgd_step_fake)
+    adam_step_triton_.register_fake(_adam_step_fake)
+
+
 def _missing(op, backend):
     def fail(*args, **kwargs):
         raise RuntimeError(f"fastreg op {op!r} has no {backend!r} implementation here")
