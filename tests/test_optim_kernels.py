@@ -15,6 +15,7 @@ import torch
 
 import fastreg
 from fastreg import _ext, _ops, _reference
+from tests import triton_aot
 from tests.conftest import GPU, skip_unless_runs
 
 # {value dtype: (atol, rtol)}: float32/64 agree to rounding (the kernels follow the
@@ -253,45 +254,37 @@ def test_triton_ops_are_registered():
     assert fastreg._ops.impl("adam_step_", "triton") is torch.ops.fastreg.adam_step_triton_.default
 
 
-_COMPILE_FOR_SM90 = """
-import re
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fastreg.triton_kernels import optim
+def _optim_case(case_id, **options):
+    from fastreg.triton_kernels import optim
 
-def ptx(**options):
-    constexprs = dict(PARAM_DTYPE=tl.float32, VALUE_DTYPE=tl.float32, ACC=tl.float32, FP64=False, IS_ADAM=True,
+    fp32 = triton_aot.dtype("fp32")
+    constexprs = dict(PARAM_DTYPE=fp32, VALUE_DTYPE=fp32, ACC=fp32, FP64=False, IS_ADAM=True,
                       HAS_MASTER=False, MAXIMIZE=False, HAS_WEIGHT_DECAY=False, DECOUPLED=False, HAS_MOMENTUM=False,
                       NESTEROV=False, FIRST_STEP=False, AMSGRAD=False, HAS_L1=False, PROJECT_ROWS=False,
                       ALIGNED=True, BLOCK=optim.BLOCK_SIZE)
     constexprs.update(options)
-    signature = {"table_ptr": "*i64", "items_ptr": "*i64", "scalars_ptr": "*fp64"}
-    signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=optim._optimizer_step_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": optim.NUM_WARPS}).asm["ptx"]
-
-# every option of the elementwise path, bfloat16 params with float32 masters: 16-byte accesses
-elementwise = ptx(PARAM_DTYPE=tl.bfloat16, HAS_MASTER=True, HAS_WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True,
-                  HAS_L1=True, MAXIMIZE=True)
-assert len(re.findall(r"ld\\.global[^\\n]*\\.v4", elementwise)) >= 16, "the full blocks lost their vector loads"
-# the max-norm path in float64, SGD with Nesterov momentum
-ptx(PARAM_DTYPE=tl.float64, VALUE_DTYPE=tl.float64, ACC=tl.float64, FP64=True, IS_ADAM=False, HAS_MOMENTUM=True,
-    NESTEROV=True, HAS_WEIGHT_DECAY=True, HAS_L1=True, PROJECT_ROWS=True, ALIGNED=False, BLOCK=optim.ROW_BLOCK_SIZE)
-print("ok")
-"""
+    return triton_aot.Case(case_id, "fastreg.triton_kernels.optim", "_optimizer_step_kernel",
+                           {"table_ptr": "*i64", "items_ptr": "*i64", "scalars_ptr": "*fp64"}, constexprs,
+                           num_warps=optim.NUM_WARPS)
 
 
 def test_triton_kernel_compiles_for_a_gpu():
     """The interpreter accepts code a GPU compile rejects (non-constexpr globals, float64
     where only float32 is allowed): compile for sm_90 ahead of time, no GPU needed, in a
     process without TRITON_INTERPRET, and check the full blocks use 16-byte loads."""
-    import subprocess
-    import sys
+    triton_aot.require_nvidia_backend()
+    from fastreg.triton_kernels import optim
 
-    pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    bf16, fp64 = triton_aot.dtype("bf16"), triton_aot.dtype("fp64")
+
+    # every option of the elementwise path, bfloat16 params with float32 masters: 16-byte accesses
+    elementwise = _optim_case("elementwise", PARAM_DTYPE=bf16, HAS_MASTER=True, HAS_WEIGHT_DECAY=True,
+                              DECOUPLED=True, AMSGRAD=True, HAS_L1=True, MAXIMIZE=True)
+    # the max-norm path in float64, SGD with Nesterov momentum
+    rows = _optim_case("max_norm_rows_fp64", PARAM_DTYPE=fp64, VALUE_DTYPE=fp64, ACC=fp64,
+                       FP64=True, IS_ADAM=False, HAS_MOMENTUM=True, NESTEROV=True, HAS_WEIGHT_DECAY=True,
+                       HAS_L1=True, PROJECT_ROWS=True, ALIGNED=False, BLOCK=optim.ROW_BLOCK_SIZE)
+    results = triton_aot.compile_ptx([elementwise, rows])
+    ptx = triton_aot.ptx_of(results, elementwise)
+    assert len(triton_aot.global_accesses(ptx, "ld", width=4)) >= 16, "the full blocks lost their vector loads"
+    triton_aot.ptx_of(results, rows)

@@ -26,17 +26,19 @@ import triton.language as tl
 BLOCK_SIZE = 2048  # elements per program: 512 Philox calls, 4 words each
 NUM_WARPS = 4
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-
 
 @triton.jit
 def philox4x32_10(c0, c1, k0, k1):
     """Philox 4x32-10 of counter (c0, c1, 0, 0) under key (k0, k1); all uint32."""
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
+    # Philox multipliers and Weyl key increments, as constexpr locals: a GPU compile rejects
+    # module globals that are not tl.constexpr objects (the interpreter accepts them); to the
+    # interpreter these are plain ints, as before, to the compiler literal constants.
+    PHILOX_M0: tl.constexpr = 0xD2511F53
+    PHILOX_M1: tl.constexpr = 0xCD9E8D57
+    PHILOX_W0: tl.constexpr = 0x9E3779B9
+    PHILOX_W1: tl.constexpr = 0xBB67AE85
     for round in tl.static_range(10):
         if round > 0:
             k0 = k0 + PHILOX_W0

@@ -24,11 +24,6 @@ import triton.language as tl
 
 MAX_FUSED_BYTES = 65536  # a row of up to this many input bytes is held on chip
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-
 
 @triton.jit
 def _philox_word(position, seed):
@@ -40,6 +35,13 @@ def _philox_word(position, seed):
     c3 = tl.zeros_like(c0)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    # Philox multipliers and Weyl key increments, as constexpr locals: a GPU compile rejects
+    # module globals that are not tl.constexpr objects (the interpreter accepts them); to the
+    # interpreter these are plain ints, as before, to the compiler literal constants.
+    PHILOX_M0: tl.constexpr = 0xD2511F53
+    PHILOX_M1: tl.constexpr = 0xCD9E8D57
+    PHILOX_W0: tl.constexpr = 0x9E3779B9
+    PHILOX_W1: tl.constexpr = 0xBB67AE85
     for round in tl.static_range(10):
         if round > 0:
             k0 = k0 + PHILOX_W0
