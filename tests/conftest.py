@@ -38,6 +38,12 @@ def skip_unless_runs(backend: str) -> str:
     return device
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its inputs from the same seed: a failure reproduces alone."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=fastreg._backend.BACKENDS)
 def backend(request):
     """(backend name, device) with that backend forced for the test's duration."""

@@ -58,17 +58,17 @@ def test_norm_matches_torch(backend, dtype, hidden, is_rms):
     def theirs(x, w, b):
         return torch_F.rms_norm(x, (hidden,), w, 1e-5) if is_rms else torch_F.layer_norm(x, (hidden,), w, b)
 
-    def as_float(t):
-        return t.detach().float().requires_grad_() if t is not None else None
+    def as_float64(t):  # the reference: float64 from the same rounded inputs
+        return t.detach().double().requires_grad_() if t is not None else None
 
-    reference_inputs = [as_float(t) for t in (x, weight, bias)]
+    reference_inputs = [as_float64(t) for t in (x, weight, bias)]
     y, y_torch, y_reference = ours(x, weight, bias), theirs(x, weight, bias), theirs(*reference_inputs)
     assert y.dtype == dtype and y.shape == x.shape
     _assert_relative_rule(y, y_torch, y_reference, ATOL[dtype], _interpreter_slack(name, y_reference, dtype))
 
     grads = _layer_norm_grads(ours, x, weight, bias, grad)
     grads_torch = _layer_norm_grads(theirs, x, weight, bias, grad)
-    grads_reference = _layer_norm_grads(theirs, *reference_inputs, grad.float())
+    grads_reference = _layer_norm_grads(theirs, *reference_inputs, grad.double())
     for g, g_torch, g_reference in zip(grads, grads_torch, grads_reference):
         assert g.dtype == dtype
         atol = BACKWARD_ATOL_FACTOR * ATOL[dtype] * rows**0.5
