@@ -35,8 +35,9 @@ def _build_cuda() -> bool:
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # the C++ standard is the one torch asks for; -Wno-psabi: csrc/cpu/vectorize.h passes
-    # 32-byte vectors between inlined functions, which GCC warns about for the SSE build
-    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
+    # 32-byte vectors between inlined functions, which GCC warns about for the SSE build;
+    # -fno-trapping-math lets GCC vectorize clamps and selects (the SiLU exp of group_norm.cpp)
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-trapping-math"]
     common = dict(
         name="fastreg._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
