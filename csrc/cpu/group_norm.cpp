@@ -102,14 +102,21 @@ __attribute__((always_inline)) inline std::pair<acc_t, acc_t> dual_sum(const acc
                                                                        int64_t n) {
   using V = Vec<acc_t>;
   constexpr int64_t W = kWidth<acc_t>;
-  V sum_g = {}, sum_gx = {};
+  V sum_g = {}, sum_gx = {}, sum_g1 = {}, sum_gx1 = {};  // two accumulators each: hides the add latency
   int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V g0 = load(g + i), g1 = load(g + i + W);
+    sum_g += g0;
+    sum_gx += g0 * (load(x + i) - mean);
+    sum_g1 += g1;
+    sum_gx1 += g1 * (load(x + i + W) - mean);
+  }
   for (; i + W <= n; i += W) {
     const V gi = load(g + i);
     sum_g += gi;
     sum_gx += gi * (load(x + i) - mean);
   }
-  acc_t total_g = sum_lanes(sum_g), total_gx = sum_lanes(sum_gx);
+  acc_t total_g = sum_lanes(sum_g + sum_g1), total_gx = sum_lanes(sum_gx + sum_gx1);
   for (; i < n; ++i) {
     total_g += g[i];
     total_gx += g[i] * (x[i] - mean);
