@@ -37,8 +37,9 @@ def _extension():
     # the C++ standard is the one torch asks for; -Wno-psabi: csrc/cpu/vectorize.h passes
     # 32-byte vectors between inlined functions, which GCC warns about for the SSE build;
     # -fno-math-errno: sqrt becomes one (vectorizable) instruction instead of a call that
-    # sets errno -- the results are the same IEEE square roots
-    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
+    # sets errno -- the results are the same IEEE square roots; -fno-trapping-math lets GCC
+    # vectorize clamps and selects (the SiLU exp of group_norm.cpp)
+    cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno", "-fno-trapping-math"]
     common = dict(
         name="fastreg._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],

@@ -1,5 +1,5 @@
 """pytest-benchmark timings of the norms (LayerNorm, the fused dropout + add + LayerNorm,
-BatchNorm in training and eval), forward and backward, on CPU: `pytest bench/`. `make test`
+BatchNorm in training and eval, GroupNorm alone and + SiLU), forward and backward, on CPU: `pytest bench/`. `make test`
 runs each once (--benchmark-disable)."""
 
 import pytest
@@ -8,10 +8,11 @@ import torch
 import fastreg
 from fastreg.bench.ops import OPS, make_callable
 
-SHAPE = (512, 64, 4, 4)  # rows x hidden for the row norms, (N, C, H, W) for BatchNorm
+SHAPE = (512, 64, 4, 4)  # rows x hidden for the row norms, (N, C, H, W) for BatchNorm and GroupNorm
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "dropout_add_layer_norm", "batch_norm", "batch_norm_eval"])
+@pytest.mark.parametrize("op", ["layer_norm", "dropout_add_layer_norm", "batch_norm", "batch_norm_eval",
+                                "group_norm", "group_norm_silu_channels_last"])
 @pytest.mark.parametrize("provider", ["cpu", "torch-eager"])
 def test_fwd_bwd(benchmark, op, provider):
     bench_op = OPS[op]

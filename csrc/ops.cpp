@@ -75,4 +75,15 @@ TORCH_LIBRARY(fastreg, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
       "float bias_correction2, float inv_grad_scale) -> ()");
+  // GroupNorm (and InstanceNorm: groups = C) over x of shape (N, C, S) with any strides,
+  // optionally followed by SiLU: y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]),
+  // statistics per (sample, group of C / groups channels) over its channels and S, returned
+  // as (N, groups) float32 (float64 for float64 x); y keeps x's layout (empty_like).
+  m.def("gn_fwd(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  // (dx in x's layout, dweight, dbias; empty where there is no weight / bias). With silu the
+  // pre-activation is recomputed from x. Deterministic: per-sample partial sums in float32
+  // (float64) reduced over the samples in order, no atomics.
+  m.def(
+      "gn_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, "
+      "bool silu) -> (Tensor, Tensor, Tensor)");
 }

@@ -357,6 +357,50 @@ if _HAVE_TRITON:
     adam_step_triton_.register_fake(_adam_step_fake)
 
 
+# ---------------------------------------------------------------------- group_norm
+# gn_fwd(x, weight, bias, groups, eps, silu) -> (y, mean, rstd) over x (N, C, S) of any
+# strides, y in x's layout, mean / rstd (N, groups) in float32 (float64 for float64 x).
+# gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu) -> (dx, dweight, dbias).
+# No autograd of their own: fastreg/_group_norm.py composes them in an autograd.Function
+# (one for every backend, the torch reference included). Saved for backward: x, weight,
+# bias, mean, rstd; the SiLU pre-activation is recomputed from x.
+
+
+def _gn_fwd_fake(x, weight, bias, groups, eps, silu):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return torch.empty_like(x), x.new_empty((x.shape[0], groups), dtype=acc), x.new_empty((x.shape[0], groups), dtype=acc)
+
+
+def _gn_bwd_fake(dy, x, weight, bias, mean, rstd, groups, silu):
+    def param_grad(param):
+        return x.new_empty((x.shape[1],) if param is not None else (0,), dtype=param.dtype if param is not None else x.dtype)
+
+    return torch.empty_like(x), param_grad(weight), param_grad(bias)
+
+
+if _ext.defines("gn_fwd"):
+    torch.library.register_fake("fastreg::gn_fwd", _gn_fwd_fake)
+    torch.library.register_fake("fastreg::gn_bwd", _gn_bwd_fake)
+
+
+if _HAVE_TRITON:
+    from fastreg.triton_kernels import group_norm as _triton_gn
+
+    @torch.library.triton_op("fastreg::gn_fwd_triton", mutates_args=())
+    def gn_fwd_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                      eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_gn.gn_fwd(x, weight, bias, groups, eps, silu)
+
+    @torch.library.triton_op("fastreg::gn_bwd_triton", mutates_args=())
+    def gn_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      mean: torch.Tensor, rstd: torch.Tensor, groups: int,
+                      silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_gn.gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu)
+
+    gn_fwd_triton.register_fake(_gn_fwd_fake)
+    gn_bwd_triton.register_fake(_gn_bwd_fake)
+
+
 def _missing(op, backend):
     def fail(*args, **kwargs):
         raise RuntimeError(f"fastreg op {op!r} has no {backend!r} implementation here")

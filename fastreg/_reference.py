@@ -231,3 +231,60 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
         denom = v.sqrt() / bias_correction2_sqrt + eps
         w = _prox_and_project(w - step_size * (m / denom), lr, l1, max_norm)
         _write_back(params, masters, i, w)
+
+
+# ---------------------------------------------------------------- group_norm
+# x is (N, C, S) with any strides; statistics per (sample, group of D = C / groups
+# channels) over its D * S values, in float32 (float64 for float64 x). Outputs are
+# allocated with empty_like(x), as the kernels do.
+
+
+def _per_group_channel(t, groups, channels):
+    """(N, groups) -> (N, C, 1): each group's value repeated over its channels."""
+    return t.repeat_interleave(channels // groups, dim=1)[:, :, None]
+
+
+def gn_fwd(x, weight, bias, groups, eps, silu):
+    """(y, mean, rstd): y = silu?((x - mean) * rstd * weight + bias), two-pass statistics."""
+    N, C, S = x.shape
+    acc = _acc(x)
+    values = x.to(acc).reshape(N, groups, -1)
+    mean = values.mean(-1)
+    rstd = torch.rsqrt((values - mean[..., None]).pow(2).mean(-1) + eps)
+    z = ((values - mean[..., None]) * rstd[..., None]).reshape(N, C, S)
+    if weight is not None:
+        z = z * _per_channel(weight.to(acc))
+    if bias is not None:
+        z = z + _per_channel(bias.to(acc))
+    if silu:
+        z = torch.nn.functional.silu(z)
+    return torch.empty_like(x).copy_(z), mean, rstd
+
+
+def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
+    """(dx, dweight, dbias) by the formulas of csrc/include/fastreg/gn_steps.h: with g the
+    gradient reaching the pre-activation z, per (n, c) sum_g and sum_gxhat, then
+    dx = rstd * w * g + k_x * (x - mean) + k_one per group."""
+    N, C, S = x.shape
+    D = C // groups
+    acc = _acc(x)
+    w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=x.device)
+    r = _per_group_channel(rstd, groups, C)
+    centered = x.to(acc) - _per_group_channel(mean, groups, C)
+    g = dy.to(acc)
+    if silu:  # the pre-activation, recomputed
+        z = centered * r * _per_channel(w)
+        if bias is not None:
+            z = z + _per_channel(bias.to(acc))
+        s = torch.sigmoid(z)
+        g = g * s * (1 + z * (1 - s))
+    sum_g = g.sum(2)
+    sum_gxhat = (g * centered).sum(2) * r[:, :, 0]
+    sum_wg = (sum_g * w).reshape(N, groups, D).sum(-1)
+    sum_wgxhat = (sum_gxhat * w).reshape(N, groups, D).sum(-1)
+    k_x = -rstd * rstd * sum_wgxhat / (D * S)
+    k_one = -rstd * sum_wg / (D * S)
+    dx = g * r * _per_channel(w) + centered * _per_group_channel(k_x, groups, C) + _per_group_channel(k_one, groups, C)
+    dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x).copy_(dx), dweight, dbias

@@ -9,12 +9,13 @@ import warnings
 
 import torch
 
-from fastreg import _batch_norm, _ops, _reference, _rng
+from fastreg import _batch_norm, _group_norm, _ops, _reference, _rng
 from fastreg._backend import choose_backend
 
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
     "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm", "batch_norm",
+    "group_norm", "instance_norm",
 ]
 
 
@@ -273,3 +274,69 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if tensor is not None and tensor.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
     return _batch_norm.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ------------------------------------------------------------ GroupNorm / InstanceNorm
+
+_ACTIVATIONS = (None, "silu")
+
+
+def _check_group_norm_args(x, num_groups, weight, bias):
+    """torch's checks of group_norm arguments, in torch's order, with its messages."""
+    if x.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
+    torch.nn.functional._verify_batch_size([x.size(0) * x.size(1) // num_groups, num_groups] + list(x.size()[2:]))
+    _check_floating("input", x, "group_norm")
+    if x.shape[1] % num_groups != 0:
+        raise RuntimeError(
+            f"Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{list(x.shape)} and num_groups={num_groups}"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and (param.dim() != 1 or param.numel() != x.shape[1]):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in input, but got "
+                f"{name} of shape {list(param.shape)} and input of shape {list(x.shape)}"
+            )
+
+
+def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
+               activation: str | None = None) -> torch.Tensor:
+    """torch.nn.functional.group_norm, optionally followed by SiLU in the same pass
+    (activation="silu"): (N, C, *) in its own memory format, statistics in float32,
+    deterministic backward that recomputes the activation instead of storing it."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"fastreg.group_norm: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    _check_group_norm_args(input, num_groups, weight, bias)
+    return _group_norm.group_norm(input, num_groups, weight, bias, eps, activation == "silu")[0]
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.instance_norm: GroupNorm with one group per channel (the same
+    kernels) when use_input_stats, updating the running statistics as torch does (the
+    batch's per-sample mean and unbiased variance, averaged over the samples); else the
+    per-channel affine map of the running statistics (BatchNorm's eval kernel)."""
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    torch.nn.functional._verify_spatial_size(input.size())
+    batch, channels = input.shape[0], input.shape[1]
+    for name, param in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+        if param is not None and param.numel() != channels:
+            # torch's message, from the BatchNorm over (1, N * C, *) it runs, the parameters repeated N times
+            raise RuntimeError(f"{name} should contain {batch * channels} elements not {param.numel() * batch}")
+    _check_floating("input", input, "instance_norm")
+    y, mean, rstd = _group_norm.group_norm(input, channels, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():  # torch's update: per-sample statistics averaged over the batch
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype) * momentum)
+            if running_var is not None:
+                count = math.prod(input.shape[2:])
+                biased = rstd.double().pow(-2) - eps  # the variance behind rstd = 1 / sqrt(var + eps)
+                unbiased = (biased * (count / max(count - 1, 1))).mean(0)
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype) * momentum)
+    return y

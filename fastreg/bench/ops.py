@@ -157,6 +157,51 @@ def _step_variants(torch_cls, **kwargs):
             "torch-fused": lambda *params: torch_cls(params, fused=True, **kwargs)}
 
 
+GROUPS = 32
+# diffusion UNets: GroupNorm(32) over (N, C, H, W) activations, mostly channels-last
+GROUP_NORM_SHAPES = {"cuda": ([(2, 512, 64, 64), (16, 256, 32, 32)], [(16, 256, 32, 32)]),
+                     "cpu": ([(16, 256, 32, 32)], [(16, 256, 32, 32)])}
+# read x, write y (the group's statistics from a first read that stays on chip / in cache);
+# read x and dy, write dx
+GROUP_NORM_BYTES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+
+
+def _group_norm_inputs(shape, dtype, device, memory_format=torch.contiguous_format):
+    """(x, weight, bias), the parameters in x's dtype (a model cast to it)."""
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=memory_format)
+    return x, torch.rand(shape[1], device=device).to(dtype) + 0.5, torch.randn(shape[1], device=device).to(dtype)
+
+
+def _group_norm_silu_torch(x, w, b):
+    return torch_F.silu(torch_F.group_norm(x, GROUPS, w, b, EPS))
+
+
+def _group_norm_ops():
+    ops = []
+    for suffix, memory_format in (("", torch.contiguous_format), ("_channels_last", torch.channels_last)):
+        def make_inputs(shape, dtype, device, memory_format=memory_format):
+            return _group_norm_inputs(shape, dtype, device, memory_format)
+
+        ops.append(BenchOp(
+            name="group_norm" + suffix,
+            bytes_per_element=GROUP_NORM_BYTES,
+            shapes=GROUP_NORM_SHAPES,
+            make_inputs=make_inputs,
+            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, GROUPS, w, b, EPS),
+            torch_fn=lambda x, w, b: torch_F.group_norm(x, GROUPS, w, b, EPS),
+        ))
+        ops.append(BenchOp(
+            name="group_norm_silu" + suffix,
+            # the activation is recomputed in backward, never stored: the same bytes
+            bytes_per_element=GROUP_NORM_BYTES,
+            shapes=GROUP_NORM_SHAPES,
+            make_inputs=make_inputs,
+            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, GROUPS, w, b, EPS, activation="silu"),
+            torch_fn=_group_norm_silu_torch,
+        ))
+    return ops
+
+
 def _dropout_add_layer_norm_eager(x, residual, weight, bias):
     return torch_F.layer_norm(torch_F.dropout(x, FUSED_P) + residual, x.shape[-1:], weight, bias, EPS)
 
@@ -251,6 +296,7 @@ OPS = {
             torch_fn=lambda *params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM),
             torch_variants=_step_variants(torch.optim.SGD, lr=LR, momentum=MOMENTUM),
         ),
+        *_group_norm_ops(),
     ]
 }
 # `python -m fastreg.bench optim`: the optimizer steps

@@ -2,10 +2,13 @@
 
 from fastreg.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
 from fastreg.nn.dropout import DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d
-from fastreg.nn.normalization import DropoutAddLayerNorm, DropoutAddRMSNorm, LayerNorm, RMSNorm
+from fastreg.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from fastreg.nn.normalization import (DropoutAddLayerNorm, DropoutAddRMSNorm, GroupNorm, GroupNormSiLU, LayerNorm,
+                                      RMSNorm)
 
 __all__ = [
     "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropPath",
     "LayerNorm", "RMSNorm", "DropoutAddLayerNorm", "DropoutAddRMSNorm",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+    "GroupNorm", "GroupNormSiLU", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
 ]

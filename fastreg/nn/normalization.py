@@ -1,5 +1,5 @@
-"""LayerNorm and RMSNorm modules: torch's classes with fastreg's forward, and the fused
-dropout + residual add + norm blocks of pre-norm transformers."""
+"""LayerNorm, RMSNorm and GroupNorm modules: torch's classes with fastreg's forward; the
+fused dropout + residual add + norm blocks of pre-norm transformers; GroupNorm + SiLU."""
 
 import torch
 
@@ -53,3 +53,16 @@ class DropoutAddRMSNorm(torch.nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class GroupNormSiLU(GroupNorm):
+    """SiLU(GroupNorm(x)) in one pass (the diffusion-UNet block); arguments, parameters,
+    state_dict and init are GroupNorm's. Backward recomputes the activation."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation="silu")

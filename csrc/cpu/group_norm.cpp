@@ -1,0 +1,474 @@
+// GroupNorm (+ SiLU) on CPU tensors: gn_fwd and gn_bwd of csrc/ops.cpp, formulas in
+// csrc/include/fastreg/gn_steps.h. Two loop orders, chosen by the layout:
+//   contiguous (S contiguous): one task per (sample, group), whose D rows of S values stay
+//     in L1/L2 between its passes; row sums in explicit vector lanes (vectorize.h).
+//   channels-last (C contiguous): one task per sample, walking its S positions with one
+//     accumulator per channel (a group's D channels are too few to fill a vector, all C
+//     are not); statistics in one pass of sums of d = x - shift, shift a value of the
+//     group (a large mean costs no precision): var = mean(d^2) - mean(d)^2 (a second pass
+//     would read the whole sample again from memory).
+// Arithmetic in float (double for double). Deterministic: every sum has a fixed order, and
+// dweight / dbias come from per-sample partials summed over the samples in order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "fastreg/gn_steps.h"
+#include "fastreg/welford.h"
+#include "vectorize.h"
+
+namespace fastreg {
+namespace {
+
+// Clones for AVX-512 as well as vectorize.h's AVX2 and default: the SiLU's exp polynomial
+// runs about 2.5x faster with 16-lane vectors and FMA where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTREG_GN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTREG_GN_CLONES
+#endif
+
+// exp(x) in float without a libm call, in a form GCC vectorizes (with -fno-trapping-math,
+// for the clamps): Cephes' expf, about 1 ulp. Inputs are clamped to where 2^n is a normal float.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t exp_minus(acc_t z) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return exp_approx(-z);
+  } else {
+    return std::exp(-z);
+  }
+}
+
+template <typename scalar_t>
+struct GnArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* dy;  // backward
+  scalar_t* out;  // y, or dx
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;  // nullptr: none
+  acc_t* mean_out;  // forward: (N, G)
+  acc_t* rstd_out;
+  const acc_t* mean;  // backward: (N, G)
+  const acc_t* rstd;
+  acc_t* sum_g;  // backward partials (N, C)
+  acc_t* sum_gxhat;
+  int64_t N, C, S, G, D, stride_n, stride_c, stride_s;
+  double eps;
+  bool silu;
+};
+
+// Rows of S values as acc_t: the input itself when it is stored as acc_t, else converted.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+__attribute__((always_inline)) inline const acc_t* rows_as_acc(const scalar_t* __restrict first_row,
+                                                               int64_t row_stride, int64_t rows, int64_t S,
+                                                               acc_t* __restrict buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (row_stride == S || rows == 1) return first_row;
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t s = 0; s < S; ++s) buf[j * S + s] = static_cast<acc_t>(first_row[j * row_stride + s]);
+  }
+  return buf;
+}
+
+// (sum g, sum g * (x - mean)) over n values, in vector lanes, in a fixed order.
+template <typename acc_t>
+__attribute__((always_inline)) inline std::pair<acc_t, acc_t> dual_sum(const acc_t* __restrict g,
+                                                                       const acc_t* __restrict x, acc_t mean,
+                                                                       int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  V sum_g = {}, sum_gx = {}, sum_g1 = {}, sum_gx1 = {};  // two accumulators each: hides the add latency
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V g0 = load(g + i), g1 = load(g + i + W);
+    sum_g += g0;
+    sum_gx += g0 * (load(x + i) - mean);
+    sum_g1 += g1;
+    sum_gx1 += g1 * (load(x + i + W) - mean);
+  }
+  for (; i + W <= n; i += W) {
+    const V gi = load(g + i);
+    sum_g += gi;
+    sum_gx += gi * (load(x + i) - mean);
+  }
+  acc_t total_g = sum_lanes(sum_g + sum_g1), total_gx = sum_lanes(sum_gx + sum_gx1);
+  for (; i < n; ++i) {
+    total_g += g[i];
+    total_gx += g[i] * (x[i] - mean);
+  }
+  return {total_g, total_gx};
+}
+
+// ------------------------------------------------------------------ contiguous layout
+
+// Group ng = n * G + g: statistics in two passes from cache (the mean of values shifted by
+// the group's first, then the squared deviations from it), then y. buf: D * S scratch values.
+template <typename scalar_t>
+FASTREG_GN_CLONES void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict buf) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
+  const int64_t offset = n * a.stride_n + g * D * a.stride_c;
+  const acc_t* __restrict v = rows_as_acc(a.x + offset, a.stride_c, D, S, buf);
+  const acc_t shift = v[0];
+  acc_t sum_d = 0;
+  for (int64_t j = 0; j < D; ++j) sum_d += vector_sum(v + j * S, S, [&](auto value) { return value - shift; });
+  const acc_t mean = shift + sum_d / M;
+  acc_t m2 = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    m2 += vector_sum(v + j * S, S, [&](auto value) { return (value - mean) * (value - mean); });
+  }
+  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(m2) / M + a.eps));
+  a.mean_out[ng] = mean;
+  a.rstd_out[ng] = rstd;
+  for (int64_t j = 0; j < D; ++j) {
+    const int64_t c = g * D + j;
+    const acc_t scale = a.weight ? rstd * a.weight[c] : rstd, shift_out = a.bias ? a.bias[c] : acc_t(0);
+    const acc_t* __restrict vr = v + j * S;
+    scalar_t* __restrict y = a.out + offset + j * a.stride_c;
+    if (a.silu) {
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t z = (vr[s] - mean) * scale + shift_out;
+        y[s] = static_cast<scalar_t>(silu_from_exp(z, exp_minus(z)));
+      }
+    } else {
+      for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>((vr[s] - mean) * scale + shift_out);
+    }
+  }
+}
+
+// Group ng: per-channel sums (the partials of dweight / dbias), then dx from cache.
+// bufs: 3 * D * S scratch values (x, dy as acc_t; g = dy * silu'(z)).
+template <typename scalar_t>
+FASTREG_GN_CLONES void bwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict bufs) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
+  const int64_t offset = n * a.stride_n + g * D * a.stride_c;
+  acc_t* __restrict g_buf = bufs + 2 * M;
+  const acc_t* __restrict x = rows_as_acc(a.x + offset, a.stride_c, D, S, bufs);
+  const acc_t* __restrict dy = rows_as_acc(a.dy + offset, a.stride_c, D, S, bufs + M);
+  const acc_t mean = a.mean[ng], rstd = a.rstd[ng];
+  const acc_t* __restrict grad = dy;  // the gradient reaching the norm's output z
+  if (a.silu) {
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t c = g * D + j;
+      const acc_t scale = a.weight ? rstd * a.weight[c] : rstd, shift_out = a.bias ? a.bias[c] : acc_t(0);
+      const acc_t* __restrict xr = x + j * S;
+      const acc_t* __restrict dyr = dy + j * S;
+      acc_t* __restrict gr = g_buf + j * S;
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t z = (xr[s] - mean) * scale + shift_out;
+        gr[s] = dyr[s] * silu_grad_from_exp(z, exp_minus(z));
+      }
+    }
+    grad = g_buf;
+  }
+  acc_t sum_wg = 0, sum_wgxhat = 0;
+  for (int64_t j = 0; j < D; ++j) {
+    const int64_t c = g * D + j;
+    const auto [sum_g, sum_gx] = dual_sum(grad + j * S, x + j * S, mean, S);
+    const acc_t sum_gxhat = sum_gx * rstd, w = a.weight ? a.weight[c] : acc_t(1);
+    a.sum_g[n * a.C + c] = sum_g;
+    a.sum_gxhat[n * a.C + c] = sum_gxhat;
+    sum_wg += w * sum_g;
+    sum_wgxhat += w * sum_gxhat;
+  }
+  const GroupDxCoefs<acc_t> k = group_dx_coefs(sum_wg, sum_wgxhat, rstd, static_cast<acc_t>(M));
+  for (int64_t j = 0; j < D; ++j) {
+    const int64_t c = g * D + j;
+    const acc_t k_g = a.weight ? rstd * a.weight[c] : rstd, k_x = k.k_x, k_one = k.k_one;
+    const acc_t* __restrict xr = x + j * S;
+    const acc_t* __restrict gr = grad + j * S;
+    scalar_t* __restrict dx = a.out + offset + j * a.stride_c;
+    for (int64_t s = 0; s < S; ++s) dx[s] = static_cast<scalar_t>(gr[s] * k_g + (xr[s] - mean) * k_x + k_one);
+  }
+}
+
+// --------------------------------------------------------------- channels-last layout
+
+// Per-channel scratch of a sample task: named arrays of C values each.
+template <typename acc_t>
+struct ChannelArrays {
+  std::vector<acc_t> storage;
+  int64_t C;
+  ChannelArrays(int64_t arrays, int64_t channels) : storage(arrays * channels), C(channels) {}
+  acc_t* operator[](int64_t i) { return storage.data() + i * C; }
+};
+
+// Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
+// the first position), the group statistics from them, then y.
+template <typename scalar_t>
+FASTREG_GN_CLONES void fwd_sample(const GnArgs<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
+  acc_t* __restrict shift = arrays[0];
+  acc_t* __restrict sum_d = arrays[1];
+  acc_t* __restrict sum_dd = arrays[2];
+  acc_t* __restrict mean_c = arrays[3];
+  acc_t* __restrict scale_c = arrays[4];
+  acc_t* __restrict shift_out = arrays[5];
+  const scalar_t* __restrict xn = a.x + n * a.stride_n;
+  for (int64_t c = 0; c < C; ++c) {
+    shift[c] = static_cast<acc_t>(xn[(c / D) * D]);
+    sum_d[c] = 0;
+    sum_dd[c] = 0;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict xr = xn + s * a.stride_s;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - shift[c];
+      sum_d[c] += d;
+      sum_dd[c] += d * d;
+    }
+  }
+  const acc_t M = static_cast<acc_t>(D * S);
+  for (int64_t g = 0; g < G; ++g) {
+    acc_t group_d = 0, group_dd = 0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      group_d += sum_d[c];
+      group_dd += sum_dd[c];
+    }
+    const acc_t mean_d = group_d / M;
+    const acc_t var = std::max(group_dd / M - mean_d * mean_d, acc_t(0));
+    const acc_t mean = shift[g * D] + mean_d;
+    const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + a.eps));
+    a.mean_out[n * G + g] = mean;
+    a.rstd_out[n * G + g] = rstd;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      mean_c[c] = mean;
+      scale_c[c] = a.weight ? rstd * a.weight[c] : rstd;
+      shift_out[c] = a.bias ? a.bias[c] : acc_t(0);
+    }
+  }
+  scalar_t* __restrict yn = a.out + n * a.stride_n;
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict xr = xn + s * a.stride_s;
+    scalar_t* __restrict yr = yn + s * a.stride_s;
+    if (a.silu) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t z = (static_cast<acc_t>(xr[c]) - mean_c[c]) * scale_c[c] + shift_out[c];
+        yr[c] = static_cast<scalar_t>(silu_from_exp(z, exp_minus(z)));
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        yr[c] = static_cast<scalar_t>((static_cast<acc_t>(xr[c]) - mean_c[c]) * scale_c[c] + shift_out[c]);
+      }
+    }
+  }
+}
+
+// Sample n: per-channel sums of g and g * (x - mean) over the positions, the group
+// coefficients, then dx. With SiLU, g = dy * silu'(z) is kept in g_scratch (S * C values)
+// between the passes: cheaper than a second exp.
+template <typename scalar_t>
+FASTREG_GN_CLONES void bwd_sample(const GnArgs<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays,
+                                  acc_type<scalar_t>* __restrict g_scratch) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
+  acc_t* __restrict mean_c = arrays[0];
+  acc_t* __restrict scale_c = arrays[1];  // rstd * w: z's scale, and dx's factor of g
+  acc_t* __restrict shift_out = arrays[2];
+  acc_t* __restrict sum_g = arrays[3];
+  acc_t* __restrict sum_gx = arrays[4];
+  acc_t* __restrict k_x = arrays[5];
+  acc_t* __restrict k_one = arrays[6];
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t ng = n * G + c / D;
+    mean_c[c] = a.mean[ng];
+    scale_c[c] = a.weight ? a.rstd[ng] * a.weight[c] : a.rstd[ng];
+    shift_out[c] = a.bias ? a.bias[c] : acc_t(0);
+    sum_g[c] = 0;
+    sum_gx[c] = 0;
+  }
+  const scalar_t* __restrict xn = a.x + n * a.stride_n;
+  const scalar_t* __restrict dyn = a.dy + n * a.stride_n;
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict xr = xn + s * a.stride_s;
+    const scalar_t* __restrict dyr = dyn + s * a.stride_s;
+    if (a.silu) {
+      acc_t* __restrict gr = g_scratch + s * C;
+      // two loops: GCC vectorizes each, not the two fused
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t z = (static_cast<acc_t>(xr[c]) - mean_c[c]) * scale_c[c] + shift_out[c];
+        gr[c] = static_cast<acc_t>(dyr[c]) * silu_grad_from_exp(z, exp_minus(z));
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] += gr[c];
+        sum_gx[c] += gr[c] * (static_cast<acc_t>(xr[c]) - mean_c[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t gv = static_cast<acc_t>(dyr[c]);
+        sum_g[c] += gv;
+        sum_gx[c] += gv * (static_cast<acc_t>(xr[c]) - mean_c[c]);
+      }
+    }
+  }
+  const acc_t M = static_cast<acc_t>(D * S);
+  for (int64_t g = 0; g < G; ++g) {
+    const acc_t rstd = a.rstd[n * G + g];
+    acc_t sum_wg = 0, sum_wgxhat = 0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      const acc_t w = a.weight ? a.weight[c] : acc_t(1), sum_gxhat = sum_gx[c] * rstd;
+      a.sum_g[n * C + c] = sum_g[c];
+      a.sum_gxhat[n * C + c] = sum_gxhat;
+      sum_wg += w * sum_g[c];
+      sum_wgxhat += w * sum_gxhat;
+    }
+    const GroupDxCoefs<acc_t> k = group_dx_coefs(sum_wg, sum_wgxhat, rstd, M);
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      k_x[c] = k.k_x;
+      k_one[c] = k.k_one;
+    }
+  }
+  scalar_t* __restrict dxn = a.out + n * a.stride_n;
+  for (int64_t s = 0; s < S; ++s) {
+    const scalar_t* __restrict xr = xn + s * a.stride_s;
+    const scalar_t* __restrict dyr = dyn + s * a.stride_s;
+    scalar_t* __restrict dxr = dxn + s * a.stride_s;
+    if (a.silu) {
+      const acc_t* __restrict gr = g_scratch + s * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xc = static_cast<acc_t>(xr[c]) - mean_c[c];
+        dxr[c] = static_cast<scalar_t>(gr[c] * scale_c[c] + xc * k_x[c] + k_one[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xc = static_cast<acc_t>(xr[c]) - mean_c[c];
+        dxr[c] = static_cast<scalar_t>(static_cast<acc_t>(dyr[c]) * scale_c[c] + xc * k_x[c] + k_one[c]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ the ops
+
+template <typename scalar_t>
+GnArgs<scalar_t> make_args(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias, bool silu) {
+  using acc_t = acc_type<scalar_t>;
+  GnArgs<scalar_t> a{};
+  a.x = in.x.const_data_ptr<scalar_t>();
+  a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  a.N = in.N;
+  a.C = in.C;
+  a.S = in.S;
+  a.G = in.G;
+  a.D = in.D;
+  a.stride_n = in.x.stride(0);
+  a.stride_c = in.x.stride(1);
+  a.stride_s = in.x.stride(2);
+  a.silu = silu;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias, int64_t groups,
+                                                          double eps, bool silu) {
+  check_gn_args(x_in, weight, bias, groups, "gn_fwd");
+  const GnInput in = gn_input(x_in, groups);
+  const at::Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
+  at::Tensor y = at::empty_like(in.x);
+  const auto stats = in.x.options().dtype(acc_dtype(in.x));
+  at::Tensor mean = at::zeros({in.N, groups}, stats), rstd = at::zeros({in.N, groups}, stats);
+  if (in.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_fwd_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      GnArgs<scalar_t> a = make_args<scalar_t>(in, w, b, silu);
+      a.out = y.mutable_data_ptr<scalar_t>();
+      a.mean_out = mean.mutable_data_ptr<acc_t>();
+      a.rstd_out = rstd.mutable_data_ptr<acc_t>();
+      a.eps = eps;
+      if (in.channels_last) {
+        at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
+          ChannelArrays<acc_t> arrays(6, in.C);
+          for (int64_t n = begin; n < end; ++n) fwd_sample(a, n, arrays);
+        });
+      } else {
+        const int64_t M = in.D * in.S;
+        at::parallel_for(0, in.N * groups, std::max<int64_t>(1, 32768 / M), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> buf(M);
+          for (int64_t ng = begin; ng < end; ++ng) fwd_group(a, ng, buf.data());
+        });
+      }
+    });
+  }
+  return {in_layout_of(y, x_in), mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const at::Tensor& mean_in, const at::Tensor& rstd_in,
+                                                          int64_t groups, bool silu) {
+  check_gn_args(x_in, weight, bias, groups, "gn_bwd");
+  check_gn_stats(x_in, mean_in, rstd_in, groups);
+  const GnInput in = gn_input(x_in, groups);
+  const at::Tensor dy = dy_like(dy_in, in.x);
+  const at::Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dx = at::empty_like(in.x);
+  const auto acc = in.x.options().dtype(acc_dtype(in.x));
+  at::Tensor sum_g = at::zeros({in.N, in.C}, acc), sum_gxhat = at::zeros({in.N, in.C}, acc);
+  if (in.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_bwd_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      GnArgs<scalar_t> a = make_args<scalar_t>(in, w, b, silu);
+      a.dy = dy.const_data_ptr<scalar_t>();
+      a.out = dx.mutable_data_ptr<scalar_t>();
+      a.mean = mean.const_data_ptr<acc_t>();
+      a.rstd = rstd.const_data_ptr<acc_t>();
+      a.sum_g = sum_g.mutable_data_ptr<acc_t>();
+      a.sum_gxhat = sum_gxhat.mutable_data_ptr<acc_t>();
+      if (in.channels_last) {
+        at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
+          ChannelArrays<acc_t> arrays(7, in.C);
+          std::vector<acc_t> g_scratch(silu ? in.S * in.C : 0);
+          for (int64_t n = begin; n < end; ++n) bwd_sample(a, n, arrays, g_scratch.data());
+        });
+      } else {
+        const int64_t M = in.D * in.S;
+        at::parallel_for(0, in.N * groups, std::max<int64_t>(1, 16384 / M), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> bufs(3 * M);
+          for (int64_t ng = begin; ng < end; ++ng) bwd_group(a, ng, bufs.data());
+        });
+      }
+    });
+  }
+  const auto [dweight, dbias] = finish_gn_param_grads(sum_gxhat, sum_g, weight, bias, in.x);
+  return {in_layout_of(dx, x_in), dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("gn_fwd", &gn_fwd_cpu);
+  m.impl("gn_bwd", &gn_bwd_cpu);
+}
+
+}  // namespace fastreg

@@ -1,0 +1,122 @@
+#pragma once
+// GroupNorm (gn_fwd / gn_bwd of csrc/ops.cpp), shared by the CPU and CUDA kernels: argument
+// checks, the layout the kernels walk, output allocation, and the per-group formulas.
+//
+// x is (N, C, S), G groups of D = C / G channels, M = D * S values per (n, g):
+//   forward   z = (x - mean) * rstd * w[c] + b[c];  y = z, or silu(z) = z / (1 + exp(-z))
+//   backward  g = dy, or dy * silu'(z) with z recomputed from x; per (n, c)
+//               sum_g[n, c] = sum_s g,   sum_gxhat[n, c] = rstd * sum_s g * (x - mean)
+//             per (n, g) A = sum_c w[c] sum_g[n, c], B = sum_c w[c] sum_gxhat[n, c], and
+//               dx = rstd * w[c] * g + k_x * (x - mean) + k_one,
+//               k_x = -rstd^2 * B / M, k_one = -rstd * A / M
+//             dweight = sum_n sum_gxhat[n, :], dbias = sum_n sum_g[n, :] (in order over n)
+#include <ATen/ATen.h>
+
+#include "fastreg/macros.h"
+#include "fastreg/norm_args.h"
+
+namespace fastreg {
+
+// silu(z) and silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z), from e = exp(-z) (the
+// caller's exp: a vectorizable one on CPU, expf on CUDA).
+template <typename T>
+FASTREG_HOST_DEVICE T silu_from_exp(T z, T exp_minus_z) {
+  return z / (T(1) + exp_minus_z);
+}
+
+template <typename T>
+FASTREG_HOST_DEVICE T silu_grad_from_exp(T z, T exp_minus_z) {
+  const T s = T(1) / (T(1) + exp_minus_z);
+  return s * (T(1) + z * (T(1) - s));
+}
+
+template <typename T>
+struct GroupDxCoefs {
+  T k_x, k_one;
+};
+
+// sum_wg = A, sum_wgxhat = B above, over `count` = M values.
+template <typename T>
+FASTREG_HOST_DEVICE GroupDxCoefs<T> group_dx_coefs(T sum_wg, T sum_wgxhat, T rstd, T count) {
+  GroupDxCoefs<T> k;
+  k.k_x = -rstd * rstd * sum_wgxhat / count;
+  k.k_one = -rstd * sum_wg / count;
+  return k;
+}
+
+inline void check_gn_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, int64_t groups, const char* op) {
+  TORCH_CHECK(x.dim() == 3, "fastreg::", op, ": 'x' must be 3-D (N, C, S), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastreg::", op, ": expected a floating-point 'x'");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0,
+              "Expected number of channels in input to be divisible by num_groups, but got input of shape ",
+              x.sizes(), " and num_groups=", groups);
+  for (const auto* param : {&weight, &bias}) {
+    if (param->has_value()) {
+      TORCH_CHECK((*param)->numel() == x.size(1) && (*param)->device() == x.device() &&
+                      at::isFloatingType((*param)->scalar_type()),
+                  "fastreg::", op, ": 'weight' and 'bias' must have C = ", x.size(1),
+                  " floating-point elements on x's device");
+    }
+  }
+}
+
+// x in a layout the kernels walk: dense, with S contiguous (contiguous inputs: a group is D
+// rows of S values) or C contiguous (channels-last: a sample is S rows of C values). Any
+// other input is copied to contiguous first.
+struct GnInput {
+  at::Tensor x;
+  bool channels_last;
+  int64_t N, C, S, G, D;
+};
+
+inline GnInput gn_input(const at::Tensor& x_in, int64_t groups) {
+  const int64_t C = x_in.size(1), S = x_in.size(2);
+  const bool c_fast = x_in.stride(1) == 1 && C > 1 && (S == 1 || x_in.stride(2) != 1);
+  const bool s_fast = x_in.stride(2) == 1 || S == 1;
+  const bool walkable = x_in.is_non_overlapping_and_dense() && (c_fast || s_fast);
+  GnInput in;
+  in.x = walkable ? x_in : x_in.contiguous();
+  in.channels_last = walkable && c_fast;
+  in.N = x_in.size(0);
+  in.C = C;
+  in.S = S;
+  in.G = groups;
+  in.D = C / groups;
+  return in;
+}
+
+// out (computed in the layout of gn_input's x) in the layout empty_like(x_in) has.
+inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x_in) {
+  if (!x_in.is_non_overlapping_and_dense() || out.strides() == x_in.strides()) return out;
+  return at::empty_like(x_in).copy_(out);
+}
+
+// dy in x's dtype and strides (x from gn_input: dense), so one set of strides serves both.
+inline at::Tensor dy_like(const at::Tensor& dy, const at::Tensor& x) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fastreg::gn_bwd: 'dy' must have x's shape");
+  if (dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides()) return dy;
+  return at::empty_like(x).copy_(dy);
+}
+
+inline void check_gn_stats(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
+  for (const auto* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->numel() == x.size(0) * groups && t->scalar_type() == acc_dtype(x) && t->device() == x.device(),
+                "fastreg::gn_bwd: 'mean' and 'rstd' must be (N, groups), float32 (float64 for float64 'x')");
+  }
+}
+
+// (dweight, dbias) from the per-sample partials (N, C), summed over N in order, in the
+// parameters' dtypes; empty where a parameter is absent.
+inline std::tuple<at::Tensor, at::Tensor> finish_gn_param_grads(const at::Tensor& sum_gxhat, const at::Tensor& sum_g,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                const at::Tensor& x) {
+  const auto empty = [&](const std::optional<at::Tensor>& p) {
+    return at::empty({0}, x.options().dtype(p.has_value() ? p->scalar_type() : x.scalar_type()));
+  };
+  return {weight.has_value() ? sum_gxhat.sum(0).to(weight->scalar_type()) : empty(weight),
+          bias.has_value() ? sum_g.sum(0).to(bias->scalar_type()) : empty(bias)};
+}
+
+}  // namespace fastreg
