@@ -1,6 +1,7 @@
 """GroupNorm (+ SiLU) and InstanceNorm 1d/2d/3d against torch on every backend: outputs and
 all gradients over shapes and layouts, dtypes, determinism, a large mean, errors, opcheck,
-gradcheck, torch.compile, the modules as drop-ins, InstanceNorm training steps then eval."""
+gradcheck, torch.compile, the modules as drop-ins, InstanceNorm training steps then eval,
+and every Triton kernel variant compiled ahead of time for sm_90 (no GPU needed)."""
 
 import warnings
 
@@ -11,6 +12,7 @@ import torch.nn.functional as torch_F
 import fastreg
 from fastreg import _group_norm
 from fastreg import functional as F
+from tests import triton_aot
 from tests.conftest import GPU
 
 # Per-dtype tolerances against torch (same dtype). dweight / dbias sum N * S values per
@@ -350,3 +352,95 @@ def test_torch_compile_fullgraph(backend):
     reference.eval()
     x = torch.randn(2, 3, 6, 6, device=device)
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------ ahead-of-time compile for a GPU
+# Both kernels of triton_kernels/group_norm.py in every variant gn_fwd / gn_bwd launch:
+# SILU, HAS_WEIGHT, HAS_BIAS (bias without weight too: torch allows it), x / y / dy / dx in
+# fp32, bf16, fp16 or fp64; W, B, MEAN, RSTD and the sums in the accumulate dtype (fp64
+# for fp64 inputs, else fp32: the launcher converts the parameters, and passes MEAN in
+# place of an absent one); sizes and strides i32. The layout's unit stride (stride_s of a
+# contiguous input, stride_c of a channels-last one) is a constexpr 1, as a launch
+# specializes it, and so is D of InstanceNorm (one channel per group). The tiles are
+# those _blocks gives on a GPU (tile of 2048), for three shapes:
+#   "sd":       C=320, G=32 (D=10) at 64 x 64 (S=4096): BLOCK_D=1,  BLOCK_S=2048
+#   "d16":      C=512, G=32 (D=16) at 8 x 8   (S=64):   BLOCK_D=16, BLOCK_S=64
+#   "instance": C=64,  G=64 (D=1)  at 64 x 64 (S=4096): BLOCK_D=1,  BLOCK_S=2048
+# S, C, G and the other strides are divisible by 16 in all three; D only in "d16".
+
+GN_AOT_SHAPES = {  # name -> (BLOCK_D, BLOCK_S, D, D divisible by 16)
+    "sd": (1, 2048, 10, False),
+    "d16": (16, 64, 16, True),
+    "instance": (1, 2048, 1, False),
+}
+GN_AOT_S = {"sd": 4096, "d16": 64, "instance": 4096}
+
+
+def test_aot_tiles_are_the_launchers():
+    """The cases compile the tiles gn_fwd / gn_bwd launch on a GPU for those shapes."""
+    from fastreg.triton_kernels.group_norm import _blocks
+
+    for name, (block_d, block_s, d, _) in GN_AOT_SHAPES.items():
+        assert _blocks(d, GN_AOT_S[name], torch.device("cuda")) == (block_d, block_s), name
+
+
+def _gn_aot_case(kernel, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
+    acc = "fp64" if x == "fp64" else "fp32"
+    block_d, block_s, d, d_div16 = GN_AOT_SHAPES[shape]
+    if kernel == "_gn_fwd_kernel":
+        pointers = {"X": x, "Y": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc}
+        scalars = {"S": "i32", "D": "i32", "G": "i32", "eps": "fp32"}
+    else:
+        pointers = {"X": x, "DY": x, "DX": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc, "SUM_G": acc,
+                    "SUM_GXHAT": acc}
+        scalars = {"C": "i32", "S": "i32", "D": "i32", "G": "i32"}
+    unit = "stride_s" if layout == "contiguous" else "stride_c"
+    ones = {unit: 1, **({"D": 1} if d == 1 else {})}
+    scalars.update({name: "i32" for name in ("stride_n", "stride_c", "stride_s")})
+    signature = {name: f"*{ty}" for name, ty in pointers.items()}
+    signature.update({name: ty for name, ty in scalars.items() if name not in ones})
+    div16 = tuple(name for name, ty in signature.items() if ty == "i32" and (name != "D" or d_div16))
+    affine = {(True, True): "weight+bias", (True, False): "weight", (False, True): "bias", (False, False): "none"}
+    case_id = "-".join((kernel.split("_")[2], x, layout, shape, "silu" if silu else "plain", affine[weight, bias]))
+    return triton_aot.Case(case_id, "fastreg.triton_kernels.group_norm", kernel, signature,
+                           dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu, BLOCK_D=block_d, BLOCK_S=block_s, **ones),
+                           num_warps=4, div16=div16)
+
+
+GN_AOT_CASES = [
+    *(_gn_aot_case(kernel, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
+      for kernel in ("_gn_fwd_kernel", "_gn_bwd_kernel")
+      for x in ("fp32", "bf16", "fp16", "fp64")
+      for layout in ("contiguous", "channels_last")
+      for shape in GN_AOT_SHAPES
+      for silu in (True, False)
+      for weight, bias in ((True, True), (True, False), (False, True), (False, False))
+      # every flag combination in fp32; the other dtypes with the default module's flags
+      if x == "fp32" or (weight and bias)),
+]
+
+
+def _gn_vector_access(case):
+    """Whether the tile's fast axis is contiguous in memory and 16-byte aligned, so that
+    x (and dy) load, and y (dx) store, 16 bytes at a time: along S in a contiguous input;
+    along C in a channels-last one only where a tile spans 16 channels of a group whose
+    first channel is aligned (D divisible by 16)."""
+    if "stride_s" in case.constexprs:
+        return True
+    return case.constexprs["BLOCK_D"] >= 16 and "D" in case.div16
+
+
+@pytest.fixture(scope="module")
+def gn_aot_ptx():
+    return triton_aot.compile_ptx(GN_AOT_CASES)
+
+
+@pytest.mark.parametrize("case", GN_AOT_CASES, ids=str)
+def test_triton_kernel_compiles_for_a_gpu(gn_aot_ptx, case):
+    """The interpreter accepts code a GPU compile rejects: every variant compiles for sm_90,
+    no GPU needed (tests/triton_aot.py), and reads x (and dy) and writes y (dx) 16 bytes at
+    a time where the tile's fast axis is contiguous."""
+    ptx = triton_aot.ptx_of(gn_aot_ptx, case)
+    if _gn_vector_access(case):
+        assert triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True), "no 16-byte loads of x"
+        assert triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), "no 16-byte stores of the output"
