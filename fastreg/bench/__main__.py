@@ -7,14 +7,14 @@ import sys
 import torch
 
 from fastreg.bench import runner
-from fastreg.bench.ops import GROUPS, OPS
+from fastreg.bench.ops import OP_GROUPS, OPS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastreg.bench", description=__doc__)
-    parser.add_argument("ops", nargs="*", choices=[[]] + sorted(OPS) + sorted(GROUPS),
+    parser.add_argument("ops", nargs="*", choices=[[]] + sorted(OPS) + sorted(OP_GROUPS),
                         help="ops to run, or a group of them (optim: the optimizer steps); default: all")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
-    ops = [name for arg in args.ops or sorted(OPS) for name in GROUPS.get(arg, [arg])]
+    ops = [name for arg in args.ops or sorted(OPS) for name in OP_GROUPS.get(arg, [arg])]
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
                                  args.modes, args.min_time)

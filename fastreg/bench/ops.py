@@ -157,7 +157,7 @@ def _step_variants(torch_cls, **kwargs):
             "torch-fused": lambda *params: torch_cls(params, fused=True, **kwargs)}
 
 
-GROUPS = 32
+NUM_GROUPS = 32
 # diffusion UNets: GroupNorm(32) over (N, C, H, W) activations, mostly channels-last
 GROUP_NORM_SHAPES = {"cuda": ([(2, 512, 64, 64), (16, 256, 32, 32)], [(16, 256, 32, 32)]),
                      "cpu": ([(16, 256, 32, 32)], [(16, 256, 32, 32)])}
@@ -173,7 +173,7 @@ def _group_norm_inputs(shape, dtype, device, memory_format=torch.contiguous_form
 
 
 def _group_norm_silu_torch(x, w, b):
-    return torch_F.silu(torch_F.group_norm(x, GROUPS, w, b, EPS))
+    return torch_F.silu(torch_F.group_norm(x, NUM_GROUPS, w, b, EPS))
 
 
 def _group_norm_ops():
@@ -187,8 +187,8 @@ def _group_norm_ops():
             bytes_per_element=GROUP_NORM_BYTES,
             shapes=GROUP_NORM_SHAPES,
             make_inputs=make_inputs,
-            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, GROUPS, w, b, EPS),
-            torch_fn=lambda x, w, b: torch_F.group_norm(x, GROUPS, w, b, EPS),
+            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, NUM_GROUPS, w, b, EPS),
+            torch_fn=lambda x, w, b: torch_F.group_norm(x, NUM_GROUPS, w, b, EPS),
         ))
         ops.append(BenchOp(
             name="group_norm_silu" + suffix,
@@ -196,7 +196,7 @@ def _group_norm_ops():
             bytes_per_element=GROUP_NORM_BYTES,
             shapes=GROUP_NORM_SHAPES,
             make_inputs=make_inputs,
-            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, GROUPS, w, b, EPS, activation="silu"),
+            fastreg_fn=lambda x, w, b: fastreg.functional.group_norm(x, NUM_GROUPS, w, b, EPS, activation="silu"),
             torch_fn=_group_norm_silu_torch,
         ))
     return ops
@@ -300,4 +300,4 @@ OPS = {
     ]
 }
 # `python -m fastreg.bench optim`: the optimizer steps
-GROUPS = {"optim": ["adamw", "sgd_momentum"]}
+OP_GROUPS = {"optim": ["adamw", "sgd_momentum"]}
