@@ -5,7 +5,7 @@ none, L2 added to the gradient (Adam), decoupled L2 (AdamW), L1 (proximal, exact
 the elastic net (both), max-norm rows, dropout, BatchNorm, and early stopping on the
 validation split. It prints a table (accuracy and loss on train and validation, weight
 sparsity, the largest row norm, epochs run, time), writes a PNG of the validation loss
-curves, then runs `python -m fastreg.bench --quick` on the device at hand.
+curves, then runs `python -m fastreg.bench --quick --min-time 0.2` on the device at hand.
 
     python examples/regularization_demo.py [--quick] [--no-bench] [--out DIR]
 """
@@ -189,11 +189,18 @@ def run(epochs: int = 80, device: str | None = None, out: str = ".", progress=_p
     data = make_data()
     print(f"device: {device}; fastreg backends here: {fastreg.available_backends()}")
     results = []
-    for config in CONFIGS:
-        result = train(config, data, epochs, device, progress)
-        if progress is not None and result.epochs < epochs:
-            print(f"  (stopped early at epoch {result.epochs})")
-        results.append(result)
+    threads = torch.get_num_threads()
+    # a tiny model: its ops are too small to split, and one thread does not wait at a
+    # barrier for a sibling the OS has descheduled (which made runs on a busy machine 20x slower)
+    torch.set_num_threads(1)
+    try:
+        for config in CONFIGS:
+            result = train(config, data, epochs, device, progress)
+            if progress is not None and result.epochs < epochs:
+                print(f"  (stopped early at epoch {result.epochs})")
+            results.append(result)
+    finally:
+        torch.set_num_threads(threads)
     print(table(results))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "regularization_demo.png")
@@ -212,8 +219,8 @@ def main(argv=None) -> int:
     if not args.no_bench:
         from fastreg.bench.__main__ import main as bench
 
-        print("\npython -m fastreg.bench --quick", flush=True)
-        return bench(["--quick", "--out", os.path.join(args.out, "bench")])
+        print("\npython -m fastreg.bench --quick --min-time 0.2", flush=True)
+        return bench(["--quick", "--min-time", "0.2", "--out", os.path.join(args.out, "bench")])
     return 0
 
 
