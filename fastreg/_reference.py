@@ -172,6 +172,13 @@ def _prox_and_project(w, lr, l1, max_norm):
     return w
 
 
+def _value_and_gradient(value, grad, inv_grad_scale, maximize):
+    """The value updated and its unscaled gradient (negated to maximize), in the accumulate dtype."""
+    acc = _acc(value)
+    g = grad.to(acc) * inv_grad_scale
+    return value.to(acc), -g if maximize else g
+
+
 def _write_back(params, masters, i, w):
     if masters:
         masters[i].copy_(w)
@@ -184,12 +191,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
               nesterov, maximize, first_step, inv_grad_scale):
     """torch.optim.SGD's update (plus l1 and max_norm), in place."""
     for i, param in enumerate(params):
-        value = masters[i] if masters else param
-        acc = _acc(value)
-        w = value.to(acc)
-        g = grads[i].to(acc) * inv_grad_scale
-        if maximize:
-            g = -g
+        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], inv_grad_scale, maximize)
+        acc = w.dtype
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
@@ -209,12 +212,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2 ** 0.5
     for i, param in enumerate(params):
-        value = masters[i] if masters else param
-        acc = _acc(value)
-        w = value.to(acc)
-        g = grads[i].to(acc) * inv_grad_scale
-        if maximize:
-            g = -g
+        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], inv_grad_scale, maximize)
+        acc = w.dtype
         if weight_decay != 0:
             if decoupled:
                 w = w * (1 - lr * weight_decay)

@@ -102,6 +102,14 @@ class _FastregStep:
                     if p.dtype in _LOW_PRECISION:
                         self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
+    def _begin_step(self, closure):
+        """(the closure's loss, inv_grad_scale, whether GradScaler says to skip this step)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        return (loss, *self._amp_scaling())
+
     def _amp_scaling(self):
         """(inv_grad_scale, skip) from the attributes GradScaler sets for this step."""
         found_inf = getattr(self, "found_inf", None)
@@ -160,11 +168,7 @@ class SGD(_FastregStep, torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        inv_grad_scale, skip = self._amp_scaling()
+        loss, inv_grad_scale, skip = self._begin_step(closure)
         if skip:
             return loss
         for group in self.param_groups:
@@ -199,11 +203,7 @@ class SGD(_FastregStep, torch.optim.SGD):
 class _AdamStep(_FastregStep):
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        inv_grad_scale, skip = self._amp_scaling()
+        loss, inv_grad_scale, skip = self._begin_step(closure)
         if skip:
             return loss
         for group in self.param_groups:
