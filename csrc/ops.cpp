@@ -75,6 +75,10 @@ TORCH_LIBRARY(fastreg, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
       "float bias_correction2, float inv_grad_scale) -> ()");
+  // steps[i] += value for float32 scalars on the CPU (the optimizers' step counts, torch's
+  // state layout): one host loop instead of one dispatched add per tensor (_foreach_add_
+  // on CPU scalars costs ~1.6 us each, 3% of a 10M-parameter AdamW step over 100 tensors).
+  m.def("add_to_steps_(Tensor(a!)[] steps, float value) -> ()");
   // GroupNorm (and InstanceNorm: groups = C) over x of shape (N, C, S) with any strides,
   // optionally followed by SiLU: y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]),
   // statistics per (sample, group of C / groups channels) over its channels and S, returned

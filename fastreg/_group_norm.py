@@ -23,11 +23,14 @@ class _GroupNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu, ctx.backend = groups, silu, backend
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients
         return y.view(x.shape), mean, rstd
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(x)
         grad_x, grad_weight, grad_bias = _ops.impl("gn_bwd", ctx.backend)(
             as_ncs(grad_y), as_ncs(x), weight, bias, mean, rstd, ctx.groups, ctx.silu)
         return (

@@ -302,6 +302,23 @@ if _ext.defines("adam_step_"):
     torch.library.register_fake("fastreg::adam_step_", _adam_step_fake)
 
 
+def _add_to_steps_fake(steps, value):
+    return None
+
+
+if _ext.defines("add_to_steps_"):
+    torch.library.register_fake("fastreg::add_to_steps_", _add_to_steps_fake)
+
+
+def add_to_steps_(steps: list[torch.Tensor], value: float) -> None:
+    """steps[i] += value for the optimizers' step counts (float32 CPU scalars): the C++
+    host loop where the extension is built, else torch's _foreach_add_."""
+    if _ext.defines("add_to_steps_"):
+        torch.ops.fastreg.add_to_steps_(steps, value)
+    else:
+        torch._foreach_add_(steps, value)
+
+
 if _HAVE_TRITON:
     from fastreg.triton_kernels import optim as _triton_optim
 

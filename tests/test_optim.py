@@ -617,6 +617,18 @@ def test_step_ops_pass_opcheck():
         0.1, 0.9, 0.0, 0.0, 0.1, 1.0, False, False, False, 1.0))
 
 
+def test_step_counts_are_incremented_on_the_host():
+    if not fastreg._ext.has_kernel("add_to_steps_", "CPU"):
+        pytest.skip(f"fastreg._C is not built: {fastreg._ext.load_error()}")
+    steps = [torch.tensor(0.0), torch.tensor(41.0)]
+    _ops.add_to_steps_(steps, 1.0)
+    assert [s.item() for s in steps] == [1.0, 42.0]
+    torch.library.opcheck(torch.ops.fastreg.add_to_steps_.default, (steps, 1.0))
+    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 CPU scalar, got Double"):
+        _ops.add_to_steps_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)
+    with pytest.raises(RuntimeError, match="with 2 elements"):
+        _ops.add_to_steps_([torch.zeros(2)], 1.0)
+
 
 def test_optimizer_pickles_and_deep_copies():
     import pickle

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -24,14 +25,6 @@
 
 namespace fastreg {
 namespace {
-
-// Clones for AVX-512 as well as vectorize.h's AVX2 and default: the SiLU's exp polynomial
-// runs about 2.5x faster with 16-lane vectors and FMA where the CPU has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTREG_GN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTREG_GN_CLONES
-#endif
 
 // exp(x) in float without a libm call, in a form GCC vectorizes (with -fno-trapping-math,
 // for the clamps): Cephes' expf, about 1 ulp. Inputs are clamped to where 2^n is a normal float.
@@ -126,23 +119,50 @@ __attribute__((always_inline)) inline std::pair<acc_t, acc_t> dual_sum(const acc
 
 // ------------------------------------------------------------------ contiguous layout
 
-// Group ng = n * G + g: statistics in two passes from cache (the mean of values shifted by
-// the group's first, then the squared deviations from it), then y. buf: D * S scratch values.
+// (sum d, sum d^2) of d = x - shift over n values, in vector lanes, in a fixed order.
+template <typename acc_t>
+__attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const acc_t* __restrict x, acc_t shift,
+                                                                           int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  V sum_d = {}, sum_dd = {}, sum_d1 = {}, sum_dd1 = {};  // two accumulators each: hides the add latency
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V d0 = load(x + i) - shift, d1 = load(x + i + W) - shift;
+    sum_d += d0;
+    sum_dd += d0 * d0;
+    sum_d1 += d1;
+    sum_dd1 += d1 * d1;
+  }
+  acc_t total_d = sum_lanes(sum_d + sum_d1), total_dd = sum_lanes(sum_dd + sum_dd1);
+  for (; i < n; ++i) {
+    const acc_t d = x[i] - shift;
+    total_d += d;
+    total_dd += d * d;
+  }
+  return {total_d, total_dd};
+}
+
+// Group ng = n * G + g: statistics in one pass of sums of d = x - shift (shift: the
+// group's first value, so a large mean costs no precision; var = mean(d^2) - mean(d)^2),
+// then y from cache. buf: D * S scratch values.
 template <typename scalar_t>
-FASTREG_GN_CLONES void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict buf) {
+FASTREG_CPU_CLONES_AVX512 void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict buf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
   const int64_t offset = n * a.stride_n + g * D * a.stride_c;
   const acc_t* __restrict v = rows_as_acc(a.x + offset, a.stride_c, D, S, buf);
   const acc_t shift = v[0];
-  acc_t sum_d = 0;
-  for (int64_t j = 0; j < D; ++j) sum_d += vector_sum(v + j * S, S, [&](auto value) { return value - shift; });
-  const acc_t mean = shift + sum_d / M;
-  acc_t m2 = 0;
+  acc_t sum_d = 0, sum_dd = 0;
   for (int64_t j = 0; j < D; ++j) {
-    m2 += vector_sum(v + j * S, S, [&](auto value) { return (value - mean) * (value - mean); });
+    const auto [row_d, row_dd] = shifted_sums(v + j * S, shift, S);
+    sum_d += row_d;
+    sum_dd += row_dd;
   }
-  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(m2) / M + a.eps));
+  const acc_t mean_d = sum_d / M;
+  const acc_t mean = shift + mean_d;
+  const acc_t var = std::max(sum_dd / M - mean_d * mean_d, acc_t(0));
+  const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + a.eps));
   a.mean_out[ng] = mean;
   a.rstd_out[ng] = rstd;
   for (int64_t j = 0; j < D; ++j) {
@@ -164,7 +184,7 @@ FASTREG_GN_CLONES void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type
 // Group ng: per-channel sums (the partials of dweight / dbias), then dx from cache.
 // bufs: 3 * D * S scratch values (x, dy as acc_t; g = dy * silu'(z)).
 template <typename scalar_t>
-FASTREG_GN_CLONES void bwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict bufs) {
+FASTREG_CPU_CLONES_AVX512 void bwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict bufs) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
   const int64_t offset = n * a.stride_n + g * D * a.stride_c;
@@ -222,7 +242,8 @@ struct ChannelArrays {
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
 template <typename scalar_t>
-FASTREG_GN_CLONES void fwd_sample(const GnArgs<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays) {
+FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnArgs<scalar_t>& a, int64_t n,
+                                          ChannelArrays<acc_type<scalar_t>>& arrays) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
   acc_t* __restrict shift = arrays[0];
@@ -285,8 +306,9 @@ FASTREG_GN_CLONES void fwd_sample(const GnArgs<scalar_t>& a, int64_t n, ChannelA
 // coefficients, then dx. With SiLU, g = dy * silu'(z) is kept in g_scratch (S * C values)
 // between the passes: cheaper than a second exp.
 template <typename scalar_t>
-FASTREG_GN_CLONES void bwd_sample(const GnArgs<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays,
-                                  acc_type<scalar_t>* __restrict g_scratch) {
+FASTREG_CPU_CLONES_AVX512 void bwd_sample(const GnArgs<scalar_t>& a, int64_t n,
+                                          ChannelArrays<acc_type<scalar_t>>& arrays,
+                                          acc_type<scalar_t>* __restrict g_scratch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
   acc_t* __restrict mean_c = arrays[0];
@@ -393,9 +415,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
   check_gn_args(x_in, weight, bias, groups, "gn_fwd");
   const GnInput in = gn_input(x_in, groups);
   const at::Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
+  // Every entry is written below. The small outputs come first: a small block allocated
+  // after the large one pins the heap's top, so freeing both makes glibc trim it, and the
+  // next call faults the large output's pages in again.
   at::Tensor y = at::empty_like(in.x);
   const auto stats = in.x.options().dtype(acc_dtype(in.x));
-  at::Tensor mean = at::zeros({in.N, groups}, stats), rstd = at::zeros({in.N, groups}, stats);
+  at::Tensor mean = at::empty({in.N, groups}, stats), rstd = at::empty({in.N, groups}, stats);
   if (in.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_fwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
@@ -411,8 +436,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
         });
       } else {
         const int64_t M = in.D * in.S;
+        const bool rows_in_place = std::is_same_v<scalar_t, acc_t> && (in.D == 1 || a.stride_c == in.S);
         at::parallel_for(0, in.N * groups, std::max<int64_t>(1, 32768 / M), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> buf(M);
+          std::vector<acc_t> buf(rows_in_place ? 0 : M);
           for (int64_t ng = begin; ng < end; ++ng) fwd_group(a, ng, buf.data());
         });
       }
@@ -432,9 +458,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_i
   const at::Tensor dy = dy_like(dy_in, in.x);
   const at::Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  at::Tensor dx = at::empty_like(in.x);
+  // every entry is written below; the small ones first (see gn_fwd_cpu)
   const auto acc = in.x.options().dtype(acc_dtype(in.x));
-  at::Tensor sum_g = at::zeros({in.N, in.C}, acc), sum_gxhat = at::zeros({in.N, in.C}, acc);
+  at::Tensor sum_g = at::empty({in.N, in.C}, acc), sum_gxhat = at::empty({in.N, in.C}, acc);
+  at::Tensor dx = at::empty_like(in.x);
   if (in.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
@@ -453,8 +480,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_i
         });
       } else {
         const int64_t M = in.D * in.S;
+        const bool rows_in_place = std::is_same_v<scalar_t, acc_t> && (in.D == 1 || a.stride_c == in.S);
         at::parallel_for(0, in.N * groups, std::max<int64_t>(1, 16384 / M), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> bufs(3 * M);
+          std::vector<acc_t> bufs(rows_in_place ? (silu ? 3 * M : 0) : 3 * M);
           for (int64_t ng = begin; ng < end; ++ng) bwd_group(a, ng, bufs.data());
         });
       }

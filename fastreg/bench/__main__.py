@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", type=runner.parse_shape,
                         help="shapes of the main input (4096, 8192x1024), replacing the op's own")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per CPU measurement")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds over the providers of a case (default: 5 on cpu, 1 on cuda)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     ops = [name for arg in args.ops or sorted(OPS) for name in OP_GROUPS.get(arg, [arg])]
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
-                                 args.modes, args.min_time)
+                                 args.modes, args.min_time, args.rounds)
     env = runner.environment(args.device)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or f"bench/results/{slug}"

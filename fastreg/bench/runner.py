@@ -59,9 +59,14 @@ def time_fn(fn, device: str, min_time: float) -> Timing:
     measurement = benchmark.Timer(
         "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
     ).blocked_autorange(min_run_time=min_time)
-    times = [t * 1e3 for t in measurement.times]
-    quartiles = torch.tensor(times).quantile(torch.tensor([0.25, 0.75], dtype=torch.float64).float()).tolist()
-    return Timing(measurement.median * 1e3, quartiles[0], quartiles[1], times)
+    return cpu_timing([t * 1e3 for t in measurement.times])
+
+
+def cpu_timing(times_ms: list[float]) -> Timing:
+    """Median and quartiles of CPU block times."""
+    times = torch.tensor(times_ms, dtype=torch.float64)
+    low, median, high = times.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return Timing(median, low, high, list(times_ms))
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float) -> float:
@@ -110,46 +115,69 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.lower().split("x"))
 
 
-def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_time=0.5, log=sys.stderr):
+def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_time=0.5, rounds=None,
+        log=sys.stderr):
     """Measure everything; returns (rows, copy GB/s per (numel, dtype)). `modes`: those of
-    each op's own modes to run (None: all of them)."""
+    each op's own modes to run (None: all of them).
+
+    On a CPU the providers of one case are timed in `rounds` interleaved rounds (default 5),
+    min_time / rounds each, and each gets the median of all its blocks: on a shared machine
+    the memory bandwidth left to us drifts over seconds, and the heap's state (which decides
+    how many fresh pages a large output faults in) changes with every allocation, so timing
+    one provider after the other compares different machines."""
     # "bwd" runs backward over one graph again and again (retain_graph), which compiled
     # graphs that donate their saved buffers refuse
     torch._functorch.config.donated_buffer = False
-    plan = []
+    rounds = rounds or (5 if device == "cpu" else 1)
+    cases = []  # (op, mode, shape, dtype, [providers])
     for name in ops:
         op = OPS[name]
         full, quick_shapes = op.shapes[device]
         for shape in shapes or (quick_shapes if quick else full):
             for dtype in dtypes:
                 for mode in (m for m in op.modes if modes is None or m in modes):
-                    for provider in providers(op, device, backends):
-                        plan.append((op, mode, tuple(shape), dtype, provider))
+                    cases.append((op, mode, tuple(shape), dtype, providers(op, device, backends)))
     if backends is None and device == "cpu":
         print("note: triton on CPU runs in the interpreter; skipped (ask with --backends triton)", file=log)
 
     copy_gbps, rows, compiled = {}, [], {}
-    for index, (op, mode, shape, dtype, provider) in enumerate(plan, 1):
+    total, done = sum(len(case[-1]) for case in cases), 0
+    for op, mode, shape, dtype, case_providers in cases:
         numel = math.prod(shape)
         if (numel, dtype) not in copy_gbps:
             copy_gbps[(numel, dtype)] = copy_bandwidth(numel, dtype, device, min_time)
-        key = (op.name, provider)
-        if key not in compiled:
-            compiled[key] = _provider_fn(op, provider)
-        row = Row(op.name, mode, list(shape), numel, str(dtype).removeprefix("torch."), provider,
-                  op.min_bytes(mode, numel, dtype), None)
-        try:
-            fn = make_callable(op, compiled[key], mode, shape, dtype, device)
-            fn()  # warm up (compiles)
-            row.timing = time_fn(fn, device, min_time)
-            row.gbps = row.min_bytes / row.timing.median_ms / 1e6
-            row.copy_share = row.gbps / copy_gbps[(numel, dtype)]
-        except Exception as error:  # a provider that cannot run this case is reported, not fatal
-            row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        rows.append(row)
-        result = f"{row.gbps:8.1f} GB/s" if row.timing else f"n/a ({row.error})"
-        print(f"[{index}/{len(plan)}] {op.name} {mode} {format_shape(shape)} {row.dtype} {provider}: {result}",
-              file=log, flush=True)
+        timed = []  # (row, callable, block times)
+        for provider in case_providers:
+            key = (op.name, provider)
+            if key not in compiled:
+                compiled[key] = _provider_fn(op, provider)
+            row = Row(op.name, mode, list(shape), numel, str(dtype).removeprefix("torch."), provider,
+                      op.min_bytes(mode, numel, dtype), None)
+            try:
+                fn = make_callable(op, compiled[key], mode, shape, dtype, device)
+                fn()  # warm up (compiles)
+                timed.append((row, fn, []))
+            except Exception as error:  # a provider that cannot run this case is reported, not fatal
+                row.error = _error_text(error)
+            rows.append(row)
+        for _ in range(rounds):
+            for row, fn, times in timed:
+                if row.error:
+                    continue
+                try:
+                    times.extend(time_fn(fn, device, min_time / rounds).raw_ms)
+                except Exception as error:
+                    row.error = _error_text(error)
+        for row, _, times in timed:
+            if not row.error:
+                row.timing = cpu_timing(times) if device == "cpu" else _gpu_timing(times)
+                row.gbps = row.min_bytes / row.timing.median_ms / 1e6
+                row.copy_share = row.gbps / copy_gbps[(numel, dtype)]
+        for row in rows[-len(case_providers):]:
+            done += 1
+            result = f"{row.gbps:8.1f} GB/s" if row.timing else f"n/a ({row.error})"
+            print(f"[{done}/{total}] {op.name} {mode} {format_shape(shape)} {row.dtype} {row.provider}: {result}",
+                  file=log, flush=True)
 
     eager = {(r.op, r.mode, tuple(r.shape), r.dtype): r for r in rows if r.provider == "torch" and r.timing}
     for row in rows:
@@ -157,6 +185,18 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_
         if row.timing and reference:
             row.vs_eager = reference.timing.median_ms / row.timing.median_ms
     return rows, copy_gbps
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
+def _gpu_timing(raw: list[float]) -> Timing:
+    """do_bench's (median, 20%, 80%) of one round, or the medians of several rounds."""
+    if len(raw) == 3:
+        return Timing(raw[0], raw[1], raw[2], raw)
+    medians = sorted(raw[0::3])
+    return Timing(medians[len(medians) // 2], min(raw[1::3]), max(raw[2::3]), raw)
 
 
 def environment(device: str) -> dict:

@@ -31,10 +31,19 @@ def _check_fastreg_options(l1, max_norm):
         raise ValueError(f"Invalid max_norm value: {max_norm}")
 
 
+def _match_state_dtypes(state, dtype):
+    """The optimizer states of one param (not its step) cast to the dtype of the value updated."""
+    for key in _VALUE_STATE_KEYS[:-1]:
+        if torch.is_tensor(state.get(key)) and state[key].dtype != dtype:
+            state[key] = state[key].to(dtype)
+
+
 def _contiguous_lists(*lists):
     """The lists with non-contiguous tensors replaced by contiguous copies, and the
     (original, copy) pairs to write back after an in-place op (the kernels need
     contiguous tensors; params and states normally are)."""
+    if all(map(torch.Tensor.is_contiguous, itertools.chain.from_iterable(lists))):  # the common case, in C
+        return lists, []
     pairs, out = [], []
     for tensors in lists:
         replaced = []
@@ -96,11 +105,16 @@ class _FastregStep:
         super().load_state_dict(state_dict)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in saved_groups)
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
+        groups = itertools.chain.from_iterable([g] * len(g["params"]) for g in self.param_groups)
+        for saved_id, p, group in zip(saved_ids, params, groups):
             for key, value in saved_state.get(saved_id, {}).items():
                 if key in _VALUE_STATE_KEYS and torch.is_tensor(value) and value.dtype == torch.float32:
                     if p.dtype in _LOW_PRECISION:
                         self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+            if p in self.state:  # states of the dtype the next step updates in
+                state = self.state[p]
+                masters = group["master_weights"] and p.dtype in _LOW_PRECISION and "master_param" in state
+                _match_state_dtypes(state, torch.float32 if masters else p.dtype)
 
     def _begin_step(self, closure):
         """(the closure's loss, inv_grad_scale, whether GradScaler says to skip this step)."""
@@ -135,21 +149,22 @@ class _FastregStep:
             yield p
 
     def _value(self, p, group):
-        """The tensor the step updates for p (its float32 master, or p) after making the
-        states match its dtype (they may come from a state_dict saved without masters)."""
+        """The tensor the step updates for p: its float32 master, or p. Creating or dropping
+        a master (master_weights switched on or off, or a state_dict saved the other way)
+        brings the states to the new value's dtype; nothing else changes their dtype, so
+        the common step checks nothing per state."""
         if group["master_weights"] and p.dtype in _LOW_PRECISION:
             state = self.state[p]
-            if "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
-            value = state["master_param"]
-        else:
-            state = self.state.get(p, {})  # no entry for momentum-free SGD, as in torch
-            state.pop("master_param", None)
-            value = p
-        for key in _VALUE_STATE_KEYS[:-1]:
-            if torch.is_tensor(state.get(key)) and state[key].dtype != value.dtype:
-                state[key] = state[key].to(value.dtype)
-        return value
+            master = state.get("master_param")
+            if master is None:
+                master = state["master_param"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
+                _match_state_dtypes(state, torch.float32)
+            return master
+        state = self.state.get(p)  # no entry for momentum-free SGD, as in torch
+        if state and "master_param" in state:
+            del state["master_param"]
+            _match_state_dtypes(state, p.dtype)
+        return p
 
     @staticmethod
     def _grad(p):
@@ -219,11 +234,19 @@ class _AdamStep(_FastregStep):
                     state["exp_avg_sq"] = torch.zeros_like(value, memory_format=torch.preserve_format)
                 if amsgrad and "max_exp_avg_sq" not in state:
                     state["max_exp_avg_sq"] = torch.zeros_like(value, memory_format=torch.preserve_format)
-                key = (p.device, p.dtype, value.dtype, state["step"].item())
-                bucket = buckets.setdefault(key, ([], [], [], [], [], [], []))
-                for tensors, tensor in zip(bucket, (p, self._grad(p), state["exp_avg"], state["exp_avg_sq"],
-                                                    state.get("max_exp_avg_sq"), value, state["step"])):
-                    tensors.append(tensor)
+                step = state["step"]
+                key = (p.device, p.dtype, value.dtype, step.item())
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [], [], [], [], [], [])
+                params, grads, exp_avgs, exp_avg_sqs, maxes, values, steps = bucket
+                params.append(p)
+                grads.append(self._grad(p))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                maxes.append(state.get("max_exp_avg_sq"))
+                values.append(value)
+                steps.append(step)
             for (device, _, _, step), (params, grads, exp_avgs, exp_avg_sqs, maxes, values, steps) in buckets.items():
                 step += 1
                 masters = [v for v, p in zip(values, params) if v is not p]
@@ -236,7 +259,7 @@ class _AdamStep(_FastregStep):
                    bool(group["maximize"]), 1 - beta1**step, 1 - beta2**step, inv_grad_scale)
                 for original, copy in pairs:
                     original.copy_(copy)
-                torch._foreach_add_(steps, 1.0)
+                _ops.add_to_steps_(steps, 1.0)
         return loss
 
 
