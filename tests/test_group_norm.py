@@ -35,6 +35,8 @@ CASES = {
     "sliced": ((2, 6, 4, 5), 2, None, True),
     "wide": ((2, 32, 9, 7), 4, None, False),
     "wide-channels_last": ((2, 32, 9, 7), 4, torch.channels_last, False),
+    # D = 8: channels-last chunks of whole groups (fp32: 2 chunks of 4 groups), odd S
+    "chunks-channels_last": ((2, 64, 7, 5), 8, torch.channels_last, False),
 }
 AFFINE = {"weight+bias": (True, True), "weight": (True, False), "none": (False, False)}
 
@@ -129,12 +131,59 @@ def test_dtypes(backend, dtype):
     # the float64 reference of the same rounded inputs
     ref_y, ref_grads = _outputs_and_grads(lambda x, w, b: _torch_group_norm(x, groups, w, b, True),
                                           x.double(), w.double(), b.double(), grad.double())
-    for what, ours, theirs, ref in zip(["y", "dx", "dweight", "dbias"], [y, *grads], [torch_y, *torch_grads],
-                                       [ref_y, *ref_grads]):
+    _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
+
+
+def _low_precision_close(ours_all, torch_all, ref_all, dtype, names=("y", "dx", "dweight", "dbias")):
+    """fp16 / bf16: each error against the float64 reference at most twice torch's, plus
+    LOW_PRECISION_ATOL of the reference's scale."""
+    for what, ours, theirs, ref in zip(names, ours_all, torch_all, ref_all):
         ours_error = (ours.double() - ref).abs().max().item()
         torch_error = (theirs.double() - ref).abs().max().item()
         assert ours_error <= 2 * torch_error + LOW_PRECISION_ATOL[dtype] * max(1.0, ref.abs().max().item()), (
             f"{what}: error {ours_error:.3g} vs torch's {torch_error:.3g}")
+
+
+# (shape, groups): channels-last chunks of whole groups in Triton (D a power of two):
+# D = 8 with odd S (fp32: 2 chunks of 4 groups, bf16: 1 of 8), and D = 1 (32 groups a chunk)
+CHUNK_SHAPES = {"C=64,G=8,7x5": ((2, 64, 7, 5), 8), "C=32,G=32,3x3": ((2, 32, 3, 3), 32)}
+
+
+@pytest.mark.parametrize("shape", list(CHUNK_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_channels_last_chunks(backend, shape, dtype):
+    """Channels-last inputs whose groups the Triton kernels take in chunks of whole groups
+    (rows read unmasked): every affine variant, with and without SiLU, against torch."""
+    name, device = backend
+    shape, groups = CHUNK_SHAPES[shape]
+    if name == "triton":  # the shapes do exercise the chunk kernels
+        from fastreg.triton_kernels.group_norm import _blocks
+        D, S = shape[1] // groups, shape[2] * shape[3]
+        assert _blocks(shape[1], D, S, 1, dtype.itemsize, torch.device(device))[0] == "chunk"
+    x = _input(shape, torch.channels_last, device=device, dtype=dtype)
+    grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    for affine in ("weight+bias", "none"):
+        w, b = _params(shape[1], *AFFINE[affine], device, dtype)
+        for silu in (False, True):
+            def ours_fn(x, w, b):
+                return F.group_norm(x, groups, w, b, activation="silu" if silu else None)
+
+            def torch_fn(x, w, b):
+                return _torch_group_norm(x, groups, w, b, silu)
+
+            y, grads = _outputs_and_grads(ours_fn, x, w, b, grad)
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert grads[0].is_contiguous(memory_format=torch.channels_last)
+            torch_y, torch_grads = _outputs_and_grads(torch_fn, x, w, b, grad)
+            if dtype == torch.float32:
+                _close(y, torch_y, dtype)
+                _close(grads[0], torch_grads[0], dtype)
+                for ours, theirs in zip(grads[1:], torch_grads[1:]):
+                    _close(ours, theirs, dtype, count=shape[0] * shape[2] * shape[3])
+                continue
+            ref_y, ref_grads = _outputs_and_grads(torch_fn, x.double(), *(p.double() if p is not None else None
+                                                                          for p in (w, b)), grad.double())
+            _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
 
 
 def test_deterministic_gradients(backend):
@@ -355,79 +404,134 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ------------------------------------------------------ ahead-of-time compile for a GPU
-# Both kernels of triton_kernels/group_norm.py in every variant gn_fwd / gn_bwd launch:
+# The kernels of triton_kernels/group_norm.py in every variant gn_fwd / gn_bwd launch:
 # SILU, HAS_WEIGHT, HAS_BIAS (bias without weight too: torch allows it), x / y / dy / dx in
 # fp32, bf16, fp16 or fp64; W, B, MEAN, RSTD and the sums in the accumulate dtype (fp64
 # for fp64 inputs, else fp32: the launcher converts the parameters, and passes MEAN in
-# place of an absent one); sizes and strides i32. The layout's unit stride (stride_s of a
-# contiguous input, stride_c of a channels-last one) is a constexpr 1, as a launch
-# specializes it, and so is D of InstanceNorm (one channel per group). The tiles are
-# those _blocks gives on a GPU (tile of 2048), for three shapes:
-#   "sd":       C=320, G=32 (D=10) at 64 x 64 (S=4096): BLOCK_D=1,  BLOCK_S=2048
-#   "d16":      C=512, G=32 (D=16) at 8 x 8   (S=64):   BLOCK_D=16, BLOCK_S=64
-#   "instance": C=64,  G=64 (D=1)  at 64 x 64 (S=4096): BLOCK_D=1,  BLOCK_S=2048
-# S, C, G and the other strides are divisible by 16 in all three; D only in "d16".
+# place of an absent one); sizes and strides i32. The per-group kernels (_gn_fwd_kernel,
+# _gn_bwd_kernel) take the layout's unit stride (stride_s of a contiguous input,
+# stride_c of a channels-last one) as a constexpr 1, as a launch specializes it, and so
+# D of InstanceNorm (one channel per group); the channels-last chunk kernels
+# (_gn_chunk_*) take no stride_c (it is 1) and D as a constexpr. The kernel family and
+# tiles are those _blocks gives on a GPU (tile of 2048) for these shapes (C, G, S):
+#   "sd":       C=320, G=32 (D=10) at 64 x 64: per group in both layouts (D not a power of two)
+#   "d16":      C=512, G=32 (D=16) at 8 x 8
+#   "instance": C=64,  G=64 (D=1)  at 64 x 64
+#   "cl-d8":    C=256, G=32 (D=8)  at 32 x 32, channels-last only (the issue's N=16 shape)
+#   "cl-d16":   C=512, G=32 (D=16) at 64 x 64, channels-last only (the issue's N=2 shape)
+# C, S, G and the strides are divisible by 16 in all; D only in "d16" and "cl-d16".
 
-GN_AOT_SHAPES = {  # name -> (BLOCK_D, BLOCK_S, D, D divisible by 16)
-    "sd": (1, 2048, 10, False),
-    "d16": (16, 64, 16, True),
-    "instance": (1, 2048, 1, False),
+GN_AOT_SHAPES = {  # name -> (C, G, S)
+    "sd": (320, 32, 4096),
+    "d16": (512, 32, 64),
+    "instance": (64, 64, 4096),
+    "cl-d8": (256, 32, 1024),
+    "cl-d16": (512, 32, 4096),
 }
-GN_AOT_S = {"sd": 4096, "d16": 64, "instance": 4096}
+GN_AOT_CHANNELS_LAST_ONLY = ("cl-d8", "cl-d16")
+GN_AOT_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+# the tiles gn_fwd / gn_bwd launch: ("group", BLOCK_D, BLOCK_S) for a contiguous input (any
+# dtype) and for a channels-last one whose D is not a power of two; else ("chunk",
+# BLOCK_C, BLOCK_S) by dtype: 128-byte rows of whole groups
+GN_AOT_GROUP_TILES = {"sd": (1, 2048), "d16": (16, 64), "instance": (1, 2048)}
+GN_AOT_CHUNK_TILES = {
+    "d16": {"fp32": (32, 64), "bf16": (64, 32), "fp16": (64, 32), "fp64": (16, 64)},
+    **{name: {"fp32": (32, 64), "bf16": (64, 32), "fp16": (64, 32), "fp64": (16, 128)}
+       for name in ("instance", "cl-d8", "cl-d16")},
+}
+
+
+def _gn_aot_tiles(shape, layout, x):
+    if layout == "channels_last" and shape in GN_AOT_CHUNK_TILES:
+        return ("chunk", *GN_AOT_CHUNK_TILES[shape][x])
+    return ("group", *GN_AOT_GROUP_TILES[shape])
 
 
 def test_aot_tiles_are_the_launchers():
-    """The cases compile the tiles gn_fwd / gn_bwd launch on a GPU for those shapes."""
+    """The cases compile the kernel family and tiles gn_fwd / gn_bwd launch on a GPU for
+    those shapes (_blocks: the one place that picks them)."""
     from fastreg.triton_kernels.group_norm import _blocks
 
-    for name, (block_d, block_s, d, _) in GN_AOT_SHAPES.items():
-        assert _blocks(d, GN_AOT_S[name], torch.device("cuda")) == (block_d, block_s), name
+    for name, (C, G, S) in GN_AOT_SHAPES.items():
+        for layout in ("channels_last",) if name in GN_AOT_CHANNELS_LAST_ONLY else ("contiguous", "channels_last"):
+            stride_c = 1 if layout == "channels_last" else S
+            for x, itemsize in GN_AOT_ITEMSIZE.items():
+                assert _blocks(C, C // G, S, stride_c, itemsize, torch.device("cuda")) == \
+                    _gn_aot_tiles(name, layout, x), (name, layout, x)
 
 
-def _gn_aot_case(kernel, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
+def _gn_aot_case(direction, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
     acc = "fp64" if x == "fp64" else "fp32"
-    block_d, block_s, d, d_div16 = GN_AOT_SHAPES[shape]
-    if kernel == "_gn_fwd_kernel":
+    C, G, S = GN_AOT_SHAPES[shape]
+    d = C // G
+    family, block, block_s = _gn_aot_tiles(shape, layout, x)
+    if direction == "fwd":
         pointers = {"X": x, "Y": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc}
-        scalars = {"S": "i32", "D": "i32", "G": "i32", "eps": "fp32"}
     else:
         pointers = {"X": x, "DY": x, "DX": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc, "SUM_G": acc,
                     "SUM_GXHAT": acc}
-        scalars = {"C": "i32", "S": "i32", "D": "i32", "G": "i32"}
-    unit = "stride_s" if layout == "contiguous" else "stride_c"
-    ones = {unit: 1, **({"D": 1} if d == 1 else {})}
-    scalars.update({name: "i32" for name in ("stride_n", "stride_c", "stride_s")})
     signature = {name: f"*{ty}" for name, ty in pointers.items()}
-    signature.update({name: ty for name, ty in scalars.items() if name not in ones})
-    div16 = tuple(name for name, ty in signature.items() if ty == "i32" and (name != "D" or d_div16))
+    flags = dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu)
+    if family == "chunk":
+        kernel = f"_gn_chunk_{direction}_kernel"
+        names = ("C", "S", "eps", "stride_n", "stride_s") if direction == "fwd" else ("C", "S", "stride_n", "stride_s")
+        signature.update({name: "fp32" if name == "eps" else "i32" for name in names})
+        constexprs = dict(flags, D=d, BLOCK_C=block, BLOCK_S=block_s)
+        div16 = tuple(name for name in names if name != "eps")
+    else:
+        kernel = f"_gn_{direction}_kernel"
+        names = ("S", "D", "G", "eps") if direction == "fwd" else ("C", "S", "D", "G")
+        names += ("stride_n", "stride_c", "stride_s")
+        unit = "stride_s" if layout == "contiguous" else "stride_c"
+        ones = {unit: 1, **({"D": 1} if d == 1 else {})}
+        signature.update({name: "fp32" if name == "eps" else "i32" for name in names if name not in ones})
+        constexprs = dict(flags, BLOCK_D=block, BLOCK_S=block_s, **ones)
+        div16 = tuple(name for name, ty in signature.items() if ty == "i32" and (name != "D" or d % 16 == 0))
     affine = {(True, True): "weight+bias", (True, False): "weight", (False, True): "bias", (False, False): "none"}
-    case_id = "-".join((kernel.split("_")[2], x, layout, shape, "silu" if silu else "plain", affine[weight, bias]))
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.group_norm", kernel, signature,
-                           dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu, BLOCK_D=block_d, BLOCK_S=block_s, **ones),
+    case_id = "-".join((direction, x, layout, shape, "silu" if silu else "plain", affine[weight, bias]))
+    return triton_aot.Case(case_id, "fastreg.triton_kernels.group_norm", kernel, signature, constexprs,
                            num_warps=4, div16=div16)
 
 
 GN_AOT_CASES = [
-    *(_gn_aot_case(kernel, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
-      for kernel in ("_gn_fwd_kernel", "_gn_bwd_kernel")
+    *(_gn_aot_case(direction, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
+      for direction in ("fwd", "bwd")
       for x in ("fp32", "bf16", "fp16", "fp64")
       for layout in ("contiguous", "channels_last")
       for shape in GN_AOT_SHAPES
       for silu in (True, False)
       for weight, bias in ((True, True), (True, False), (False, True), (False, False))
       # every flag combination in fp32; the other dtypes with the default module's flags
-      if x == "fp32" or (weight and bias)),
+      if (x == "fp32" or (weight and bias))
+      and (layout == "channels_last" or shape not in GN_AOT_CHANNELS_LAST_ONLY)),
 ]
 
 
 def _gn_vector_access(case):
     """Whether the tile's fast axis is contiguous in memory and 16-byte aligned, so that
-    x (and dy) load, and y (dx) store, 16 bytes at a time: along S in a contiguous input;
-    along C in a channels-last one only where a tile spans 16 channels of a group whose
-    first channel is aligned (D divisible by 16)."""
+    x (and dy) load, and y (dx) store, 16 bytes at a time: along S in a contiguous input
+    (per-group kernels); along C in a channels-last one, in the chunk kernels wherever a
+    chunk row is 16 bytes or more and C and the strides are divisible by 16 (rows read
+    unmasked), and in the per-group kernels only where a tile spans 16 channels of a group
+    whose first channel is aligned (D divisible by 16)."""
+    if case.kernel.startswith("_gn_chunk_"):
+        itemsize = GN_AOT_ITEMSIZE[case.signature["X"].lstrip("*")]
+        aligned = {"C", "stride_n", "stride_s"} <= set(case.div16)
+        return aligned and case.constexprs["BLOCK_C"] * itemsize >= 16
     if "stride_s" in case.constexprs:
         return True
     return case.constexprs["BLOCK_D"] >= 16 and "D" in case.div16
+
+
+def _gn_tile_vector_accesses(case):
+    """(loads, stores): the 16-byte accesses a kernel has at least where all its tile
+    accesses are 16 bytes: each tile spread over the 32 * num_warps threads, x read in 3
+    passes forward, x and dy twice backward, y or dx written once. A count, not "any":
+    the parameters' loads and the sums' stores may be 16 bytes too."""
+    c = case.constexprs
+    tile_bytes = c["BLOCK_S"] * c.get("BLOCK_C", c.get("BLOCK_D")) * GN_AOT_ITEMSIZE[case.signature["X"].lstrip("*")]
+    per_thread = tile_bytes // (16 * 32 * case.num_warps)
+    return (3 if "Y" in case.signature else 4) * per_thread, per_thread
 
 
 @pytest.fixture(scope="module")
@@ -442,5 +546,8 @@ def test_triton_kernel_compiles_for_a_gpu(gn_aot_ptx, case):
     a time where the tile's fast axis is contiguous."""
     ptx = triton_aot.ptx_of(gn_aot_ptx, case)
     if _gn_vector_access(case):
-        assert triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True), "no 16-byte loads of x"
-        assert triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), "no 16-byte stores of the output"
+        loads, stores = _gn_tile_vector_accesses(case)
+        found = len(triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True))
+        assert found >= loads, f"{found} 16-byte loads, fewer than the {loads} of x (and dy) 16 bytes at a time"
+        found = len(triton_aot.global_accesses(ptx, "st", sixteen_bytes=True))
+        assert found >= stores, f"{found} 16-byte stores, fewer than the {stores} of the output 16 bytes at a time"

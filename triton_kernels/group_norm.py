@@ -4,12 +4,22 @@ channels-last: any strides).
 
 Self-contained (imports only torch and triton): copy this file into your codebase to use it.
 
-One program per (sample n, group g) of D = C / G channels: it walks the group's D x S
-values in tiles of BLOCK_D channels x BLOCK_S positions addressed through the strides
-(no transposing copy), so the group's statistics and gradient sums come out of one
-program, in a fixed order: deterministic, no atomics. Statistics are float32 (float64
-for float64 inputs), in two passes (the mean of values shifted by the group's first,
-then squared deviations): a large mean costs no precision.
+Two kernel families; `_blocks` is the one place that picks a family and its tile:
+- per group ("group"): one program per (sample n, group g) of D = C / G channels walks
+  the group's D x S values in tiles of BLOCK_D channels x BLOCK_S positions addressed
+  through the strides (no transposing copy). Used for contiguous inputs, where the fast
+  axis is S, and as the fallback for channels-last ones whose D is not a power of two.
+- per channel chunk ("chunk", channels-last: stride_c == 1): one program per (sample n,
+  chunk of BLOCK_C = GROUPS * D whole channels, a power of two dividing C) walks S in
+  tiles of BLOCK_S positions x BLOCK_C channels whose fast axis is the channel axis. A
+  group's row is only D * itemsize bytes (16 for bf16 at D = 8); a chunk's row is 128
+  bytes or more where C allows, read whole: no mask along the channels, so that a GPU
+  reads and writes 16 bytes per access. Per-channel sums accumulate in the tile and are
+  reduced to per-group values through a (GROUPS, D) reshape.
+Either way a group's statistics and gradient sums come out of one program, in a fixed
+order: deterministic, no atomics. Statistics are float32 (float64 for float64 inputs), in
+two passes (the mean of values shifted by the group's first, then squared deviations): a
+large mean costs no precision.
 
     forward   z = (x - mean) * rstd * w[c] + b[c];  y = z, or silu(z) = z * sigmoid(z)
     backward  g = dy (or dy * silu'(z), z recomputed from x);
@@ -85,9 +95,10 @@ def _gn_fwd_kernel(
 
 @triton.jit
 def _grad_pre_activation(dy, centered, scale, shift, SILU: tl.constexpr):
-    """The gradient reaching z = centered * scale + shift: dy, or dy * silu'(z)."""
+    """The gradient reaching z = centered * scale + shift (scale, shift broadcast to the
+    tile by the caller): dy, or dy * silu'(z)."""
     if SILU:
-        z = centered * scale[:, None] + shift[:, None]
+        z = centered * scale + shift
         sig = 1.0 / (1.0 + tl.exp(-z))
         return dy * sig * (1.0 + z * (1.0 - sig))
     else:
@@ -126,7 +137,7 @@ def _gn_bwd_kernel(
             offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
             centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
             dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, w * rstd, shift, SILU)
+            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
             acc_g += grad
             acc_gx += grad * centered
         sum_g = tl.sum(acc_g, axis=1)
@@ -150,17 +161,158 @@ def _gn_bwd_kernel(
             offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
             centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean
             dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, w * rstd, shift, SILU)
+            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
             dx = grad * (w * rstd)[:, None] + centered * k_x + k_one
             tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _blocks(D, S, device):
-    """(BLOCK_D, BLOCK_S): a tile of about 2048 values on a GPU (1024 in the interpreter)."""
+# ------------------------------------------------ channels-last: chunks of whole groups
+
+
+@triton.jit
+def _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and mask of positions [s_start, s_start + BLOCK_S) by channels [c_first,
+    c_first + BLOCK_C) of sample n, channels adjacent in memory (stride_c == 1). The mask
+    is along S only: the chunk's channels all exist, so rows are read and written whole
+    and a GPU can access them 16 bytes at a time."""
+    s = s_start + tl.arange(0, BLOCK_S)
+    c = c_first + tl.arange(0, BLOCK_C)
+    offsets = n.to(tl.int64) * stride_n + (s.to(tl.int64) * stride_s)[:, None] + c[None, :]
+    return offsets, (s < S)[:, None]
+
+
+@triton.jit
+def _per_group(v, GROUPS: tl.constexpr, D: tl.constexpr):
+    """(GROUPS,): the sums of a per-channel vector (GROUPS * D,) over each group's D channels."""
+    return tl.sum(tl.reshape(v, (GROUPS, D)), axis=1)
+
+
+@triton.jit
+def _per_channel(v, GROUPS: tl.constexpr, D: tl.constexpr):
+    """(GROUPS * D,): each group's value of v (GROUPS,) repeated over its D channels."""
+    return tl.reshape(tl.broadcast_to(v[:, None], (GROUPS, D)), (GROUPS * D,))
+
+
+@triton.jit
+def _gn_chunk_fwd_kernel(
+    X, Y, W, B, MEAN, RSTD, C, S, eps, stride_n, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n, chunk k) of BLOCK_C channels (GROUPS whole groups; stride_c == 1): the
+    groups' mean and rstd (MEAN, RSTD (N, G): at [pid * GROUPS, ...) as G = chunks *
+    GROUPS), then y (Y has X's strides)."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid = tl.program_id(0)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    count = D * S  # an int: promoted to ACC where it divides
+    # each group's values shifted by its first (position 0): a large mean costs no precision
+    first = tl.load(X + n.to(tl.int64) * stride_n + c_first + tl.arange(0, GROUPS) * D).to(ACC)
+    first_c = _per_channel(first, GROUPS, D)
+    total = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for s_start in range(0, S, BLOCK_S):
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first_c[None, :], 0.0)
+    mean = first + _per_group(tl.sum(total, axis=0), GROUPS, D) / count
+    mean_c = _per_channel(mean, GROUPS, D)
+    # second pass over the chunk (re-read from L2): squared deviations from the mean
+    squares = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for s_start in range(0, S, BLOCK_S):
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        squares += d * d
+    rstd = 1.0 / tl.sqrt(_per_group(tl.sum(squares, axis=0), GROUPS, D) / count + eps)
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    tl.store(MEAN + groups, mean)
+    tl.store(RSTD + groups, rstd)
+    c = c_first + tl.arange(0, BLOCK_C)
+    scale = _per_channel(rstd, GROUPS, D)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(W + c)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if HAS_BIAS:
+        shift = tl.load(B + c)
+    for s_start in range(0, S, BLOCK_S):
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+        z = (x - mean_c[None, :]) * scale[None, :] + shift[None, :]
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_chunk_bwd_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, SUM_G, SUM_GXHAT, C, S, stride_n, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n, chunk k) of BLOCK_C channels (GROUPS whole groups; stride_c == 1):
+    per-channel sums (SUM_G, SUM_GXHAT at [n, c]), the groups' A, B, then dx (DY and DX
+    have X's strides)."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid = tl.program_id(0)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    count = D * S  # an int: promoted to ACC where it divides
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    rstd = tl.load(RSTD + groups)
+    mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
+    rstd_c = _per_channel(rstd, GROUPS, D)
+    c = c_first + tl.arange(0, BLOCK_C)
+    w = tl.full((BLOCK_C,), 1.0, ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + c)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if HAS_BIAS:
+        shift = tl.load(B + c)
+    acc_g = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    acc_gx = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for s_start in range(0, S, BLOCK_S):
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        acc_g += grad
+        acc_gx += grad * centered
+    sum_g = tl.sum(acc_g, axis=0)
+    sum_gxhat = tl.sum(acc_gx, axis=0) * rstd_c
+    tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g)
+    tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat)
+    k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, GROUPS, D) / count, GROUPS, D)
+    k_one = _per_channel(-rstd * _per_group(w * sum_g, GROUPS, D) / count, GROUPS, D)
+    for s_start in range(0, S, BLOCK_S):
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :]
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        dx = grad * (w * rstd_c)[None, :] + centered * k_x[None, :] + k_one[None, :]
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def _blocks(C, D, S, stride_c, itemsize, device):
+    """The kernel family and tile for x (N, C, S) in groups of D channels, in one place:
+    ("chunk", BLOCK_C, BLOCK_S) where channels are adjacent in memory (stride_c == 1, C > 1:
+    channels-last) and D is a power of two (a whole number of groups per chunk, the
+    (GROUPS, D) reshape), else ("group", BLOCK_D, BLOCK_S). A tile of about 2048 values on
+    a GPU (1024 in the interpreter)."""
     tile = 2048 if device.type == "cuda" else 1024
+    if stride_c == 1 and C > 1 and D & (D - 1) == 0 and D <= tile:
+        # whole groups, doubled while a row is under 128 bytes and C holds whole chunks:
+        # full rows for the memory system, and as many programs as that allows
+        block_c = D
+        while block_c * itemsize < 128 and C % (2 * block_c) == 0:
+            block_c *= 2
+        return "chunk", block_c, min(triton.next_power_of_2(max(S, 1)), max(1, tile // block_c))
     block_s = min(triton.next_power_of_2(max(S, 1)), tile)
     block_d = min(triton.next_power_of_2(D), max(1, tile // block_s), 64)
-    return block_d, max(1, min(block_s, tile // block_d))
+    return "group", block_d, max(1, min(block_s, tile // block_d))
 
 
 def _walkable(x):
@@ -188,12 +340,18 @@ def gn_fwd(x, weight, bias, groups, eps, silu):
     rstd = torch.zeros((N, groups), dtype=acc, device=x.device)
     if x.numel() > 0:
         w, b = _acc_param(weight, acc), _acc_param(bias, acc)
-        block_d, block_s = _blocks(D, S, x.device)
-        torch.library.wrap_triton(_gn_fwd_kernel)[(N * groups,)](
-            x, y, w if w is not None else mean, b if b is not None else mean, mean, rstd, S, D, groups, eps,
-            *x.stride(), HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, SILU=silu,
-            BLOCK_D=block_d, BLOCK_S=block_s,
-        )
+        w, b = w if w is not None else mean, b if b is not None else mean  # any pointer when absent
+        flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu)
+        kind, block, block_s = _blocks(C, D, S, x.stride(1), x.element_size(), x.device)
+        if kind == "chunk":
+            torch.library.wrap_triton(_gn_chunk_fwd_kernel)[(N * (C // block),)](
+                x, y, w, b, mean, rstd, C, S, eps, x.stride(0), x.stride(2), **flags,
+                D=D, BLOCK_C=block, BLOCK_S=block_s,
+            )
+        else:
+            torch.library.wrap_triton(_gn_fwd_kernel)[(N * groups,)](
+                x, y, w, b, mean, rstd, S, D, groups, eps, *x.stride(), **flags, BLOCK_D=block, BLOCK_S=block_s,
+            )
     return y, mean, rstd
 
 
@@ -212,12 +370,20 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
     sum_gxhat = torch.zeros((N, C), dtype=acc, device=x.device)
     if x.numel() > 0:
         w, b = _acc_param(weight, acc), _acc_param(bias, acc)
-        block_d, block_s = _blocks(D, S, x.device)
-        torch.library.wrap_triton(_gn_bwd_kernel)[(N * groups,)](
-            x, dy, dx, w if w is not None else mean, b if b is not None else mean, mean.contiguous(),
-            rstd.contiguous(), sum_g, sum_gxhat, C, S, D, groups, *x.stride(),
-            HAS_WEIGHT=w is not None, HAS_BIAS=b is not None, SILU=silu, BLOCK_D=block_d, BLOCK_S=block_s,
-        )
+        mean, rstd = mean.contiguous(), rstd.contiguous()
+        w, b = w if w is not None else mean, b if b is not None else mean  # any pointer when absent
+        flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu)
+        kind, block, block_s = _blocks(C, D, S, x.stride(1), x.element_size(), x.device)
+        if kind == "chunk":
+            torch.library.wrap_triton(_gn_chunk_bwd_kernel)[(N * (C // block),)](
+                x, dy, dx, w, b, mean, rstd, sum_g, sum_gxhat, C, S, x.stride(0), x.stride(2), **flags,
+                D=D, BLOCK_C=block, BLOCK_S=block_s,
+            )
+        else:
+            torch.library.wrap_triton(_gn_bwd_kernel)[(N * groups,)](
+                x, dy, dx, w, b, mean, rstd, sum_g, sum_gxhat, C, S, D, groups, *x.stride(), **flags,
+                BLOCK_D=block, BLOCK_S=block_s,
+            )
     dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dweight, dbias
