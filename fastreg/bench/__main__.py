@@ -27,15 +27,19 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per CPU measurement")
     parser.add_argument("--rounds", type=int,
                         help="interleaved rounds over the providers of a case (default: 5 on cpu, 1 on cuda)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="on cpu, leave glibc's malloc settings alone (default: keep freed memory in the heap, "
+                             "so that page faults of fresh outputs do not swamp the kernels' times)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
     ops = [name for arg in args.ops or sorted(OPS) for name in OP_GROUPS.get(arg, [arg])]
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
+    heap_kept = args.device == "cpu" and not args.default_malloc and runner.keep_heap()
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
                                  args.modes, args.min_time, args.rounds)
-    env = runner.environment(args.device)
+    env = runner.environment(args.device, heap_kept)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or f"bench/results/{slug}"
     name = "-".join(args.ops or ops) + ("-quick" if args.quick else "")

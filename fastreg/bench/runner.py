@@ -69,6 +69,24 @@ def cpu_timing(times_ms: list[float]) -> Timing:
     return Timing(median, low, high, list(times_ms))
 
 
+def keep_heap() -> bool:
+    """Keeps freed memory in glibc's heap (no mmap for large blocks, no trimming), so that
+    a timed loop reuses its outputs' pages instead of faulting fresh ones in.
+
+    With glibc's defaults a 16 MB output is mapped or trimmed away again depending on the
+    heap's history, and zeroing its fresh pages on first touch (~4000 faults) costs more
+    than a norm kernel over it: timings of the same code then vary 2x from run to run,
+    whichever provider it is. Returns False where the C library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float) -> float:
     """GB/s of dst.copy_(src): reads and writes numel elements."""
     src = torch.randn(numel, device=device).to(dtype)
@@ -199,7 +217,7 @@ def _gpu_timing(raw: list[float]) -> Timing:
     return Timing(medians[len(medians) // 2], min(raw[1::3]), max(raw[2::3]), raw)
 
 
-def environment(device: str) -> dict:
+def environment(device: str, heap_kept: bool = False) -> dict:
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -224,6 +242,7 @@ def environment(device: str) -> dict:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "malloc": "glibc heap kept (M_MMAP_MAX=0, no trimming)" if heap_kept else "default",
     }
 
 
@@ -241,7 +260,8 @@ def _cpu_name() -> str:
 def markdown(rows, copy_gbps, env) -> str:
     lines = [
         f"Device: {env['device']} ({env['threads']} threads) | torch {env['torch']} | triton {env['triton']} | "
-        f"CUDA {env['cuda']} | commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}",
+        f"CUDA {env['cuda']} | commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''} | {env['date']}"
+        + (f" | malloc: {env['malloc']}" if env.get("malloc", "default") != "default" else ""),
         "",
         "| op | mode | shape | dtype | provider | time (ms) | GB/s | % of copy | x torch eager |",
         "|---|---|---|---|---|---|---|---|---|",
