@@ -240,7 +240,8 @@ def environment(device: str, heap_kept: bool = False) -> dict:
         "python": platform.python_version(),
         "fastreg": fastreg.__version__,
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # results written by earlier runs do not make the code dirty
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "malloc": "glibc heap kept (M_MMAP_MAX=0, no trimming)" if heap_kept else "default",
     }
