@@ -1,6 +1,9 @@
 """The benchmark CLI runs end to end and writes its table, JSON and plot."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from fastreg.bench.ops import LAYER_MODES, OPS, STEP_MODES
                                              ("dropout_add_layer_norm", [64, 96], "64x96")])
 def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys, op, shape, text):
     assert main([op, "--device", "cpu", "--quick", "--shapes", "x".join(map(str, shape)), "--min-time", "0.01",
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--default-malloc"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [f"{op}-quick.json", f"{op}-quick.md", f"{op}-quick.png"]
     report = json.loads((tmp_path / f"{op}-quick.json").read_text())
@@ -47,7 +50,7 @@ def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
 
 def test_bench_cli_times_optimizer_steps(tmp_path, capsys):
     assert main(["optim", "--device", "cpu", "--quick", "--shapes", "3x1000", "--min-time", "0.01",
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--default-malloc"]) == 0
     report = json.loads((tmp_path / "optim-quick.json").read_text())
     rows = report["results"]
     assert {r["op"] for r in rows} == {"adamw", "sgd_momentum"} and {r["mode"] for r in rows} == {"step"}
@@ -55,3 +58,17 @@ def test_bench_cli_times_optimizer_steps(tmp_path, capsys):
     for row in rows:
         assert row["error"] is None and row["gbps"] > 0 and row["numel"] == 3000
     assert "| adamw | step | 3x1000 | float32 |" in capsys.readouterr().out
+
+
+def test_cpu_bench_interleaves_rounds_and_keeps_the_heap(tmp_path):
+    """In a process of its own (keeping glibc's heap lasts for the process): every provider
+    is timed in each of the 3 rounds, and the results say how malloc was set."""
+    subprocess.run([sys.executable, "-m", "fastreg.bench", "dropout", "--device", "cpu", "--quick", "--shapes", "4096",
+                    "--modes", "fwd", "--min-time", "0.03", "--rounds", "3", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    report = json.loads((tmp_path / "dropout-quick.json").read_text())
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert report["environment"]["malloc"] == ("glibc heap kept (M_MMAP_MAX=0, no trimming)" if glibc else "default")
+    for row in report["results"]:
+        assert row["error"] is None and len(row["timing"]["raw_ms"]) >= 3
+    assert ("malloc: glibc heap kept" in (tmp_path / "dropout-quick.md").read_text()) == glibc
