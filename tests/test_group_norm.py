@@ -13,7 +13,7 @@ import fastreg
 from fastreg import _group_norm
 from fastreg import functional as F
 from tests import triton_aot
-from tests.conftest import GPU
+from tests.conftest import GPU, skip_unless_runs
 
 # Per-dtype tolerances against torch (same dtype). dweight / dbias sum N * S values per
 # channel: their atol grows with the square root of that count.
@@ -206,6 +206,105 @@ def test_statistics_stable_for_large_means(backend):
         torch.testing.assert_close(mean.double(), exact.mean(-1), rtol=1e-7, atol=0)
         torch.testing.assert_close(rstd.double(), torch.rsqrt(exact.var(-1, unbiased=False) + 1e-5), rtol=1e-4, atol=0)
         torch.testing.assert_close(y.double(), torch_F.group_norm(x.double(), 2), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------- Triton: S split into pieces (interpreter)
+# gn_fwd / gn_bwd split S into SPLITS pieces where a launch has too few programs for a GPU
+# (_plan); splits=k forces k. S = 7 x 5 is no multiple of SPLITS * BLOCK_S. family ->
+# (shape, groups, memory format): per group (contiguous, D = 2) and per chunk of whole
+# groups (channels-last, D = 8).
+SPLIT_SHAPES = {"group": ((2, 6, 7, 5), 3, torch.contiguous_format), "chunk": ((2, 64, 7, 5), 8, torch.channels_last)}
+
+
+def _triton_gn():
+    skip_unless_runs("triton")
+    from fastreg.triton_kernels import group_norm
+    return group_norm
+
+
+def _split_run(gn, x, groups, w, b, silu, dy, splits):
+    """(y, mean, rstd, dx, dweight, dbias) of the Triton launchers with S in `splits` pieces."""
+    x3, dy3 = x.flatten(2), dy.flatten(2)
+    y, mean, rstd = gn.gn_fwd(x3, w, b, groups, 1e-5, silu, splits=splits)
+    dx, dweight, dbias = gn.gn_bwd(dy3, x3, w, b, mean, rstd, groups, silu, splits=splits)
+    return y.view_as(x), mean, rstd, dx.view_as(x), dweight, dbias
+
+
+def _split_plan(gn, x, groups, splits):
+    N, C = x.shape[:2]
+    x3 = x.flatten(2)
+    return gn._plan(N, C, C // groups, x3.shape[2], x3.stride(1), x.element_size(), x.device, splits=splits)
+
+
+@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_split_launches_match_torch(family, splits, dtype):
+    """Forward and backward with S in 1, 2 or 3 pieces: every piece's partials merged (a
+    dropped one fails), with and without weight / bias and SiLU, against torch."""
+    gn = _triton_gn()
+    shape, groups, memory_format = SPLIT_SHAPES[family]
+    x = _input(shape, memory_format, dtype=dtype)
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
+    assert _split_plan(gn, x, groups, splits)[0] == family and _split_plan(gn, x, groups, splits)[3] == splits
+    for affine in ("weight+bias", "none"):
+        w, b = _params(shape[1], *AFFINE[affine], "cpu", dtype)
+        for silu in (False, True):
+            ours = _split_run(gn, x, groups, w, b, silu, dy, splits)
+            y, dx, dweight, dbias = ours[0], ours[3], ours[4], ours[5]
+            grads = [dx] + ([dweight, dbias] if w is not None else [])
+            fn = lambda x, w, b: _torch_group_norm(x, groups, w, b, silu)  # noqa: E731
+            torch_y, torch_grads = _outputs_and_grads(fn, x, w, b, dy)
+            assert y.is_contiguous(memory_format=memory_format) and dx.is_contiguous(memory_format=memory_format)
+            if dtype == torch.float32:
+                _close(y, torch_y, dtype)
+                _close(dx, torch_grads[0], dtype)
+                for mine, theirs in zip(grads[1:], torch_grads[1:]):
+                    _close(mine, theirs, dtype, count=shape[0] * shape[2] * shape[3])
+                continue
+            ref_y, ref_grads = _outputs_and_grads(fn, x.double(), *(p.double() if p is not None else None
+                                                                    for p in (w, b)), dy.double())
+            _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
+
+
+@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
+def test_triton_split_statistics_stable_for_large_means(family):
+    """Mean 1e3, unit variance, float32, S in 3 pieces: the merged mean and rstd stay those
+    of float64 on the same input (per-piece mean and M2, Chan's merge)."""
+    gn = _triton_gn()
+    shape, groups, memory_format = SPLIT_SHAPES[family]
+    x = (torch.randn(shape, dtype=torch.float64) + 1e3).float().contiguous(memory_format=memory_format)
+    assert _split_plan(gn, x, groups, 3)[3] == 3
+    y, mean, rstd = gn.gn_fwd(x.flatten(2), None, None, groups, 1e-5, False, splits=3)
+    exact = x.double().reshape(shape[0], groups, -1)
+    torch.testing.assert_close(mean.double(), exact.mean(-1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(exact.var(-1, unbiased=False) + 1e-5), rtol=1e-4, atol=0)
+    torch.testing.assert_close(y.view_as(x).double(), torch_F.group_norm(x.double(), groups), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
+def test_triton_split_launches_are_deterministic(family):
+    """Two runs with S in 3 pieces: bitwise the same outputs, statistics and gradients."""
+    gn = _triton_gn()
+    shape, groups, memory_format = SPLIT_SHAPES[family]
+    x = _input(shape, memory_format)
+    w, b = _params(shape[1], True, True, "cpu")
+    dy = torch.randn(shape).contiguous(memory_format=memory_format)
+    runs = [_split_run(gn, x, groups, w, b, True, dy, 3) for _ in range(2)]
+    assert all(torch.equal(first, second) for first, second in zip(*runs))
+
+
+def test_triton_interpreter_splits_the_small_test_shapes():
+    """_plan's interpreter targets split the small shapes the other tests run, in both
+    families: test_matches_torch and test_channels_last_chunks go through the split kernels."""
+    gn = _triton_gn()
+    for case, family in (("wide", "group"), ("chunks-channels_last", "chunk")):
+        shape, groups, memory_format, _ = CASES[case]
+        plan = _split_plan(gn, _input(shape, memory_format), groups, None)
+        assert plan[0] == family and plan[3] > 1, (case, plan)
+    shape, groups = CHUNK_SHAPES["C=64,G=8,7x5"]
+    plan = _split_plan(gn, _input(shape, torch.channels_last, dtype=torch.bfloat16), groups, None)
+    assert plan[0] == "chunk" and plan[3] > 1, plan
 
 
 def _raised(call):
@@ -406,104 +505,159 @@ def test_torch_compile_fullgraph(backend):
 # ------------------------------------------------------ ahead-of-time compile for a GPU
 # The kernels of triton_kernels/group_norm.py in every variant gn_fwd / gn_bwd launch:
 # SILU, HAS_WEIGHT, HAS_BIAS (bias without weight too: torch allows it), x / y / dy / dx in
-# fp32, bf16, fp16 or fp64; W, B, MEAN, RSTD and the sums in the accumulate dtype (fp64
-# for fp64 inputs, else fp32: the launcher converts the parameters, and passes MEAN in
-# place of an absent one); sizes and strides i32. The per-group kernels (_gn_fwd_kernel,
-# _gn_bwd_kernel) take the layout's unit stride (stride_s of a contiguous input,
-# stride_c of a channels-last one) as a constexpr 1, as a launch specializes it, and so
-# D of InstanceNorm (one channel per group); the channels-last chunk kernels
-# (_gn_chunk_*) take no stride_c (it is 1) and D as a constexpr. The kernel family and
-# tiles are those _blocks gives on a GPU (tile of 2048) for these shapes (C, G, S):
-#   "sd":       C=320, G=32 (D=10) at 64 x 64: per group in both layouts (D not a power of two)
-#   "d16":      C=512, G=32 (D=16) at 8 x 8
-#   "instance": C=64,  G=64 (D=1)  at 64 x 64
-#   "cl-d8":    C=256, G=32 (D=8)  at 32 x 32, channels-last only (the issue's N=16 shape)
-#   "cl-d16":   C=512, G=32 (D=16) at 64 x 64, channels-last only (the issue's N=2 shape)
-# C, S, G and the strides are divisible by 16 in all; D only in "d16" and "cl-d16".
+# fp32, bf16, fp16 or fp64; W, B, MEAN, RSTD, the partials and the sums in the accumulate
+# dtype (fp64 for fp64 inputs, else fp32: the launcher converts the parameters, and passes
+# MEAN in place of an absent one); sizes and strides i32, specialized as a launch does:
+# an integer equal to 1 (a unit stride, D of InstanceNorm, TILES_PER_SPLIT 1) becomes the
+# constexpr 1, one divisible by 16 is marked so. The kernels, tiles and splits are those
+# `_plan` gives on an H100 (132 SMs: a target of 4 * 132 = 528 programs; tile of 2048) for
+# these shapes (N, C, G, S); a split launch is two kernels each way (stats + apply
+# forward, grad sums + dx backward), an unsplit one the one-kernel path:
+#   "sd":        N=2,  C=320, G=32 (D=10) at 64 x 64: per group in both layouts (D not a power of two)
+#   "d16-8x8":   N=2,  C=512, G=32 (D=16) at 8 x 8: small, unsplit
+#   "instance":  N=2,  C=64,  G=64 (D=1)  at 64 x 64
+#   "cl-d8":     N=16, C=256, G=32 (D=8)  at 32 x 32, channels-last only (an issue shape)
+#   "d16-64x64": N=2,  C=512, G=32 (D=16) at 64 x 64, both layouts (issue shapes)
 
-GN_AOT_SHAPES = {  # name -> (C, G, S)
-    "sd": (320, 32, 4096),
-    "d16": (512, 32, 64),
-    "instance": (64, 64, 4096),
-    "cl-d8": (256, 32, 1024),
-    "cl-d16": (512, 32, 4096),
+GN_AOT_SHAPES = {  # name -> (N, C, G, S)
+    "sd": (2, 320, 32, 4096),
+    "d16-8x8": (2, 512, 32, 64),
+    "instance": (2, 64, 64, 4096),
+    "cl-d8": (16, 256, 32, 1024),
+    "d16-64x64": (2, 512, 32, 4096),
 }
-GN_AOT_CHANNELS_LAST_ONLY = ("cl-d8", "cl-d16")
+GN_AOT_CHANNELS_LAST_ONLY = ("cl-d8",)
 GN_AOT_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
-# the tiles gn_fwd / gn_bwd launch: ("group", BLOCK_D, BLOCK_S) for a contiguous input (any
-# dtype) and for a channels-last one whose D is not a power of two; else ("chunk",
-# BLOCK_C, BLOCK_S) by dtype: 128-byte rows of whole groups
-GN_AOT_GROUP_TILES = {"sd": (1, 2048), "d16": (16, 64), "instance": (1, 2048)}
-GN_AOT_CHUNK_TILES = {
-    "d16": {"fp32": (32, 64), "bf16": (64, 32), "fp16": (64, 32), "fp64": (16, 64)},
-    **{name: {"fp32": (32, 64), "bf16": (64, 32), "fp16": (64, 32), "fp64": (16, 128)}
-       for name in ("instance", "cl-d8", "cl-d16")},
+GN_H100_PROGRAMS = 4 * 132  # _split_targets on an H100: 4 programs per SM
+# (shape, layout) -> the plan for every dtype, or {dtype: plan}; a plan is `_plan`'s
+# (family, BLOCK_D or BLOCK_C, BLOCK_S, SPLITS, TILES_PER_SPLIT). Per group the tile does
+# not depend on the dtype; a chunk is 128 bytes of each row (fp64 fewer: 16 channels).
+GN_AOT_PLANS = {
+    ("sd", "contiguous"): ("group", 8, 256, 16, 1),
+    ("sd", "channels_last"): ("group", 8, 256, 16, 1),
+    ("d16-8x8", "contiguous"): ("group", 16, 64, 1, 1),
+    ("d16-8x8", "channels_last"): {"fp32": ("chunk", 32, 64, 1, 1), "bf16": ("chunk", 64, 32, 1, 2),
+                                   "fp16": ("chunk", 64, 32, 1, 2), "fp64": ("chunk", 16, 64, 1, 1)},
+    ("instance", "contiguous"): ("group", 1, 512, 8, 1),
+    ("instance", "channels_last"): {"fp32": ("chunk", 32, 16, 256, 1), "bf16": ("chunk", 64, 8, 512, 1),
+                                    "fp16": ("chunk", 64, 8, 512, 1), "fp64": ("chunk", 16, 32, 128, 1)},
+    ("cl-d8", "channels_last"): {"fp32": ("chunk", 32, 64, 6, 3), "bf16": ("chunk", 64, 32, 11, 3),
+                                 "fp16": ("chunk", 64, 32, 11, 3), "fp64": ("chunk", 16, 128, 4, 2)},
+    ("d16-64x64", "contiguous"): ("group", 8, 256, 16, 1),
+    ("d16-64x64", "channels_last"): {"fp32": ("chunk", 32, 64, 22, 3), "bf16": ("chunk", 64, 32, 43, 3),
+                                     "fp16": ("chunk", 64, 32, 43, 3), "fp64": ("chunk", 16, 128, 11, 3)},
+}
+# The issue's bf16 shapes, (shape, layout) -> programs per launch before (one per unit)
+# and after the split (units x SPLITS); 528 = 4 programs on each of an H100's 132 SMs:
+#   (2, 512, 64x64) channels-last: 2 x 8 chunks of 64 channels = 16; 4096 / 32 = 128 tiles,
+#       128 // ceil(528 / 16) = 3 a split: 43 splits, 16 x 43 = 688
+#   (16, 256, 32x32) channels-last: 16 x 4 chunks = 64; 1024 / 32 = 32 tiles, 32 // 9 = 3 a
+#       split: 11 splits, 64 x 11 = 704
+#   (2, 512, 64x64) contiguous: 2 x 32 groups = 64; tiles of 8 channels x 256 positions
+#       (was 1 x 2048): 4096 / 256 = 16 tiles, 1 a split: 16 splits, 64 x 16 = 1024
+GN_ISSUE_PROGRAMS = {
+    ("d16-64x64", "channels_last"): (16, 688),
+    ("cl-d8", "channels_last"): (64, 704),
+    ("d16-64x64", "contiguous"): (64, 1024),
 }
 
 
-def _gn_aot_tiles(shape, layout, x):
-    if layout == "channels_last" and shape in GN_AOT_CHUNK_TILES:
-        return ("chunk", *GN_AOT_CHUNK_TILES[shape][x])
-    return ("group", *GN_AOT_GROUP_TILES[shape])
+def _gn_aot_layouts(shape):
+    return ("channels_last",) if shape in GN_AOT_CHANNELS_LAST_ONLY else ("contiguous", "channels_last")
 
 
-def test_aot_tiles_are_the_launchers():
-    """The cases compile the kernel family and tiles gn_fwd / gn_bwd launch on a GPU for
-    those shapes (_blocks: the one place that picks them)."""
-    from fastreg.triton_kernels.group_norm import _blocks
+def _gn_aot_plan(shape, layout, x):
+    plan = GN_AOT_PLANS[shape, layout]
+    return plan[x] if isinstance(plan, dict) else plan
 
-    for name, (C, G, S) in GN_AOT_SHAPES.items():
-        for layout in ("channels_last",) if name in GN_AOT_CHANNELS_LAST_ONLY else ("contiguous", "channels_last"):
+
+def test_triton_aot_plans_are_the_launchers():
+    """The cases compile the kernel family, tiles and splits gn_fwd / gn_bwd launch on an
+    H100 for those shapes (_plan: the one place that picks them), and the issue's shapes
+    get at least 4 programs per SM of its 132 (the one-kernel path gave them 16 to 64)."""
+    from fastreg.triton_kernels.group_norm import _blocks, _plan
+
+    cuda = torch.device("cuda")
+    for name, (N, C, G, S) in GN_AOT_SHAPES.items():
+        for layout in _gn_aot_layouts(name):
             stride_c = 1 if layout == "channels_last" else S
             for x, itemsize in GN_AOT_ITEMSIZE.items():
-                assert _blocks(C, C // G, S, stride_c, itemsize, torch.device("cuda")) == \
-                    _gn_aot_tiles(name, layout, x), (name, layout, x)
+                plan = _plan(N, C, C // G, S, stride_c, itemsize, cuda, target_programs=GN_H100_PROGRAMS)
+                assert plan == _gn_aot_plan(name, layout, x), (name, layout, x)
+                family, block, _, splits, _ = plan
+                units = N * (C // block if family == "chunk" else G)
+                if splits > 1:  # enough programs, else S has too few tiles
+                    assert units * splits >= GN_H100_PROGRAMS, (name, layout, x)
+                if (name, layout) in GN_ISSUE_PROGRAMS and x == "bf16":
+                    kind, block, _ = _blocks(C, C // G, S, stride_c, itemsize, cuda)
+                    before = N * (C // block if kind == "chunk" else G)
+                    assert (before, units * splits) == GN_ISSUE_PROGRAMS[name, layout], (name, layout)
+                    assert units * splits >= GN_H100_PROGRAMS
 
 
-def _gn_aot_case(direction, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
+# kernel -> (pointers in x's dtype, pointers in the accumulate dtype, scalars): the
+# arguments besides the constexprs, in order
+GN_AOT_KERNELS = {
+    "_gn_fwd_kernel": ("X Y", "W B MEAN RSTD", "S D G eps stride_n stride_c stride_s"),
+    "_gn_bwd_kernel": ("X DY DX", "W B MEAN RSTD SUM_G SUM_GXHAT", "C S D G stride_n stride_c stride_s"),
+    "_gn_stats_kernel": ("X", "PART_MEAN PART_M2", "S D G TILES_PER_SPLIT stride_n stride_c stride_s"),
+    "_gn_apply_kernel": ("X Y", "W B MEAN RSTD PART_MEAN PART_M2",
+                         "S D G SPLITS TILES_PER_SPLIT eps stride_n stride_c stride_s"),
+    "_gn_grad_sums_kernel": ("X DY", "W B MEAN RSTD PART_G PART_GX",
+                             "C S D G TILES_PER_SPLIT stride_n stride_c stride_s"),
+    "_gn_dx_kernel": ("X DY DX", "W B MEAN RSTD PART_G PART_GX SUM_G SUM_GXHAT",
+                      "C S D G SPLITS TILES_PER_SPLIT stride_n stride_c stride_s"),
+    "_gn_chunk_fwd_kernel": ("X Y", "W B MEAN RSTD", "C S eps stride_n stride_s"),
+    "_gn_chunk_bwd_kernel": ("X DY DX", "W B MEAN RSTD SUM_G SUM_GXHAT", "C S stride_n stride_s"),
+    "_gn_chunk_stats_kernel": ("X", "PART_MEAN PART_M2", "C S TILES_PER_SPLIT stride_n stride_s"),
+    "_gn_chunk_apply_kernel": ("X Y", "W B MEAN RSTD PART_MEAN PART_M2",
+                               "C S SPLITS TILES_PER_SPLIT eps stride_n stride_s"),
+    "_gn_chunk_grad_sums_kernel": ("X DY", "W B MEAN RSTD PART_G PART_GX", "C S TILES_PER_SPLIT stride_n stride_s"),
+    "_gn_chunk_dx_kernel": ("X DY DX", "W B MEAN RSTD PART_G PART_GX SUM_G SUM_GXHAT",
+                            "C S SPLITS TILES_PER_SPLIT stride_n stride_s"),
+}
+# (direction, split) -> the kernels launched, by family prefix ("_gn_" or "_gn_chunk_")
+GN_AOT_LAUNCHES = {("fwd", False): ("fwd",), ("bwd", False): ("bwd",), ("fwd", True): ("stats", "apply"),
+                   ("bwd", True): ("grad_sums", "dx")}
+
+
+def _gn_aot_case(step, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
+    """The compile of kernel `step` ("fwd", "stats", "dx", ...) of the family `_plan` picks."""
     acc = "fp64" if x == "fp64" else "fp32"
-    C, G, S = GN_AOT_SHAPES[shape]
-    d = C // G
-    family, block, block_s = _gn_aot_tiles(shape, layout, x)
-    if direction == "fwd":
-        pointers = {"X": x, "Y": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc}
-    else:
-        pointers = {"X": x, "DY": x, "DX": x, "W": acc, "B": acc, "MEAN": acc, "RSTD": acc, "SUM_G": acc,
-                    "SUM_GXHAT": acc}
-    signature = {name: f"*{ty}" for name, ty in pointers.items()}
-    flags = dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu)
-    if family == "chunk":
-        kernel = f"_gn_chunk_{direction}_kernel"
-        names = ("C", "S", "eps", "stride_n", "stride_s") if direction == "fwd" else ("C", "S", "stride_n", "stride_s")
-        signature.update({name: "fp32" if name == "eps" else "i32" for name in names})
-        constexprs = dict(flags, D=d, BLOCK_C=block, BLOCK_S=block_s)
-        div16 = tuple(name for name in names if name != "eps")
-    else:
-        kernel = f"_gn_{direction}_kernel"
-        names = ("S", "D", "G", "eps") if direction == "fwd" else ("C", "S", "D", "G")
-        names += ("stride_n", "stride_c", "stride_s")
-        unit = "stride_s" if layout == "contiguous" else "stride_c"
-        ones = {unit: 1, **({"D": 1} if d == 1 else {})}
-        signature.update({name: "fp32" if name == "eps" else "i32" for name in names if name not in ones})
-        constexprs = dict(flags, BLOCK_D=block, BLOCK_S=block_s, **ones)
-        div16 = tuple(name for name, ty in signature.items() if ty == "i32" and (name != "D" or d % 16 == 0))
+    N, C, G, S = GN_AOT_SHAPES[shape]
+    family, block, block_s, splits, per_split = _gn_aot_plan(shape, layout, x)
+    kernel = f"_gn_chunk_{step}_kernel" if family == "chunk" else f"_gn_{step}_kernel"
+    x_pointers, acc_pointers, scalars = (names.split() for names in GN_AOT_KERNELS[kernel])
+    signature = {name: f"*{x}" for name in x_pointers} | {name: f"*{acc}" for name in acc_pointers}
+    strides = dict(stride_n=C * S, stride_c=S, stride_s=1) if layout == "contiguous" else \
+        dict(stride_n=C * S, stride_c=1, stride_s=C)
+    values = dict(C=C, S=S, D=C // G, G=G, SPLITS=splits, TILES_PER_SPLIT=per_split, **strides)
+    ones = {name: 1 for name in scalars if values.get(name) == 1}  # a launch specializes them
+    signature.update({name: "fp32" if name == "eps" else "i32" for name in scalars if name not in ones})
+    flags = dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu) if step != "stats" else {}
+    tile = dict(D=C // G, BLOCK_C=block) if family == "chunk" else dict(BLOCK_D=block)
+    constexprs = dict(flags, **tile, BLOCK_S=block_s, **ones)
+    div16 = tuple(name for name in scalars if name not in ones and name != "eps" and values[name] % 16 == 0)
     affine = {(True, True): "weight+bias", (True, False): "weight", (False, True): "bias", (False, False): "none"}
-    case_id = "-".join((direction, x, layout, shape, "silu" if silu else "plain", affine[weight, bias]))
+    variant = ("silu" if silu else "plain", affine[weight, bias]) if step != "stats" else ()
+    case_id = "-".join((step, x, layout, shape, *variant))
     return triton_aot.Case(case_id, "fastreg.triton_kernels.group_norm", kernel, signature, constexprs,
                            num_warps=4, div16=div16)
 
 
 GN_AOT_CASES = [
-    *(_gn_aot_case(direction, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
+    *(_gn_aot_case(step, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
       for direction in ("fwd", "bwd")
       for x in ("fp32", "bf16", "fp16", "fp64")
-      for layout in ("contiguous", "channels_last")
       for shape in GN_AOT_SHAPES
+      for layout in _gn_aot_layouts(shape)
+      for step in GN_AOT_LAUNCHES[direction, _gn_aot_plan(shape, layout, x)[3] > 1]
       for silu in (True, False)
       for weight, bias in ((True, True), (True, False), (False, True), (False, False))
-      # every flag combination in fp32; the other dtypes with the default module's flags
+      # every flag combination in fp32; the other dtypes with the default module's flags;
+      # the stats kernels take no flags
       if (x == "fp32" or (weight and bias))
-      and (layout == "channels_last" or shape not in GN_AOT_CHANNELS_LAST_ONLY)),
+      and (step != "stats" or (silu and weight and bias))),
 ]
 
 
@@ -523,15 +677,26 @@ def _gn_vector_access(case):
     return case.constexprs["BLOCK_D"] >= 16 and "D" in case.div16
 
 
+# kernel step -> (tile loads, tile stores): x read in 3 passes and y written once by the
+# one-kernel forward, x and dy read twice and dx written once by the one-kernel backward;
+# split: x read twice (stats), x read and y written (apply), x and dy read (grad sums), x
+# and dy read and dx written (dx)
+GN_TILE_PASSES = {"fwd": (3, 1), "bwd": (4, 1), "stats": (2, 0), "apply": (1, 1), "grad_sums": (2, 0), "dx": (2, 1)}
+
+
 def _gn_tile_vector_accesses(case):
     """(loads, stores): the 16-byte accesses a kernel has at least where all its tile
-    accesses are 16 bytes: each tile spread over the 32 * num_warps threads, x read in 3
-    passes forward, x and dy twice backward, y or dx written once. A count, not "any":
-    the parameters' loads and the sums' stores may be 16 bytes too."""
+    accesses are 16 bytes: each tile spread over the 32 * num_warps threads, times the
+    kernel's passes (GN_TILE_PASSES). A count, not "any": the parameters' loads and the
+    sums' stores may be 16 bytes too."""
     c = case.constexprs
     tile_bytes = c["BLOCK_S"] * c.get("BLOCK_C", c.get("BLOCK_D")) * GN_AOT_ITEMSIZE[case.signature["X"].lstrip("*")]
     per_thread = tile_bytes // (16 * 32 * case.num_warps)
-    return (3 if "Y" in case.signature else 4) * per_thread, per_thread
+    step = case.kernel.removeprefix("_gn_").removeprefix("chunk_").removesuffix("_kernel")
+    loads, stores = GN_TILE_PASSES[step]
+    if step == "stats" and c.get("TILES_PER_SPLIT") == 1:
+        loads = 1  # a piece of one tile: the second pass reuses the first's loads
+    return loads * per_thread, stores * per_thread
 
 
 @pytest.fixture(scope="module")

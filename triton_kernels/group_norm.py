@@ -4,7 +4,8 @@ channels-last: any strides).
 
 Self-contained (imports only torch and triton): copy this file into your codebase to use it.
 
-Two kernel families; `_blocks` is the one place that picks a family and its tile:
+Two kernel families; `_blocks` picks a family and its tile, `_plan` (the one place the
+launchers ask) that and how many pieces S is split into:
 - per group ("group"): one program per (sample n, group g) of D = C / G channels walks
   the group's D x S values in tiles of BLOCK_D channels x BLOCK_S positions addressed
   through the strides (no transposing copy). Used for contiguous inputs, where the fast
@@ -16,10 +17,22 @@ Two kernel families; `_blocks` is the one place that picks a family and its tile
   bytes or more where C allows, read whole: no mask along the channels, so that a GPU
   reads and writes 16 bytes per access. Per-channel sums accumulate in the tile and are
   reduced to per-group values through a (GROUPS, D) reshape.
-Either way a group's statistics and gradient sums come out of one program, in a fixed
-order: deterministic, no atomics. Statistics are float32 (float64 for float64 inputs), in
-two passes (the mean of values shifted by the group's first, then squared deviations): a
-large mean costs no precision.
+One program per unit (group or chunk) is too few for a GPU where N * units is small (the
+issue's shapes: 16 to 64 programs for an H100's 132 SMs), so `_plan` splits S into
+SPLITS pieces of whole tiles until a launch has about 4 programs per SM (fewer where S
+has too few tiles; none for a small input), and each direction becomes two launches over
+(unit, piece):
+- forward: `_gn_*stats_kernel` writes each group's (mean, M2) over its piece to a small
+  buffer; `_gn_*apply_kernel` merges a group's SPLITS partials in piece order (Chan's
+  count-weighted merge), stores MEAN / RSTD from piece 0, and writes y over its piece.
+- backward: `_gn_*grad_sums_kernel` writes per-channel sums of g and g * (x - mean) over
+  its piece to (N, SPLITS, C); `_gn_*dx_kernel` sums a channel's SPLITS partials in piece
+  order, stores SUM_G / SUM_GXHAT from piece 0, and writes dx over its piece.
+With SPLITS == 1 one kernel does each direction (`_gn_fwd_kernel`, `_gn_chunk_bwd_kernel`,
+...). Every sum runs in a fixed order: deterministic, no atomics. Statistics are float32
+(float64 for float64 inputs), in two passes (the mean of values shifted by the group's
+first, then squared deviations from the mean of the program's values): a large mean costs
+no precision.
 
     forward   z = (x - mean) * rstd * w[c] + b[c];  y = z, or silu(z) = z * sigmoid(z)
     backward  g = dy (or dy * silu'(z), z recomputed from x);
@@ -293,6 +306,369 @@ def _gn_chunk_bwd_kernel(
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# ------------------------------------------- split launches: S in SPLITS pieces, two kernels
+# Program (unit, split k) takes the S tiles [k * TILES_PER_SPLIT, (k + 1) * TILES_PER_SPLIT)
+# of its unit (a group, or a chunk of whole groups): SPLITS times the programs of the
+# one-kernel path, so that a GPU has enough of them. A tile's first position is a multiple
+# of the constexpr BLOCK_S (s_start below): the compiler sees its alignment, as in the
+# one-kernel path. The partials are merged in split order by every program that needs
+# them: deterministic, no atomics.
+
+
+@triton.jit
+def _split_range(split, S, TILES_PER_SPLIT, BLOCK_S: tl.constexpr):
+    """[s_begin, s_end): the positions of split `split` (never empty: the launcher sizes SPLITS)."""
+    s_begin = split * TILES_PER_SPLIT * BLOCK_S
+    return s_begin, tl.minimum(S, s_begin + TILES_PER_SPLIT * BLOCK_S)
+
+
+@triton.jit
+def _merged_moments(PART_MEAN, PART_M2, index, split_stride, D, S, SPLITS, TILES_PER_SPLIT,
+                    BLOCK_S: tl.constexpr):
+    """(mean, M2) over all of S of the group(s) at `index` (a scalar or a vector), from the
+    per-split (mean, M2) at PART_*[index * split_stride + k]: Chan's merge in split order
+    (count-weighted, no large sums of squares: a large mean costs no precision)."""
+    mean = tl.load(PART_MEAN + index * split_stride)
+    m2 = tl.load(PART_M2 + index * split_stride)
+    s_begin, s_end = _split_range(0, S, TILES_PER_SPLIT, BLOCK_S)
+    count = (D * (s_end - s_begin)).to(mean.dtype)
+    for k in range(1, SPLITS):
+        s_begin, s_end = _split_range(k, S, TILES_PER_SPLIT, BLOCK_S)
+        count_k = (D * (s_end - s_begin)).to(mean.dtype)
+        mean_k = tl.load(PART_MEAN + index * split_stride + k)
+        m2_k = tl.load(PART_M2 + index * split_stride + k)
+        total = count + count_k
+        delta = mean_k - mean
+        mean = mean + delta * (count_k / total)
+        m2 = m2 + m2_k + delta * delta * (count * count_k / total)
+        count = total
+    return mean, m2
+
+
+@triton.jit
+def _gn_stats_kernel(
+    X, PART_MEAN, PART_M2, S, D, G, TILES_PER_SPLIT, stride_n, stride_c, stride_s,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * G + g, split k): mean and M2 (sum of squared deviations) of the group's
+    values in the split's positions, at PART_*[(n * G + g) * SPLITS + k]."""
+    ACC: tl.constexpr = PART_MEAN.dtype.element_ty
+    ng, split = tl.program_id(0), tl.program_id(1)
+    n, g = ng // G, ng % G
+    c_begin, c_end = g * D, g * D + D
+    s_begin, s_end = _split_range(split, S, TILES_PER_SPLIT, BLOCK_S)
+    count = D * (s_end - s_begin)
+    # shifted by the group's first value (any split can read it): a large mean costs no precision
+    first = tl.load(X + n.to(tl.int64) * stride_n + c_begin.to(tl.int64) * stride_c).to(ACC)
+    total = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        for i in range(0, TILES_PER_SPLIT):
+            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
+            total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first, 0.0)
+    mean = first + tl.sum(tl.sum(total, axis=1), axis=0) / count
+    squares = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        for i in range(0, TILES_PER_SPLIT):
+            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
+            d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+            squares += d * d
+    SPLITS = tl.num_programs(1)
+    tl.store(PART_MEAN + ng * SPLITS + split, mean)
+    tl.store(PART_M2 + ng * SPLITS + split, tl.sum(tl.sum(squares, axis=1), axis=0))
+
+
+@triton.jit
+def _gn_apply_kernel(
+    X, Y, W, B, MEAN, RSTD, PART_MEAN, PART_M2, S, D, G, SPLITS, TILES_PER_SPLIT, eps,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * G + g, split k): the group's mean and rstd merged from the SPLITS
+    partials (stored at MEAN[n * G + g], RSTD[...] by split 0), then y over the split's
+    positions."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    ng, split = tl.program_id(0), tl.program_id(1)
+    n, g = ng // G, ng % G
+    c_begin, c_end = g * D, g * D + D
+    mean, m2 = _merged_moments(PART_MEAN, PART_M2, ng, SPLITS, D, S, SPLITS, TILES_PER_SPLIT, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
+    tl.store(MEAN + ng, mean, mask=split == 0)  # every piece merges the same: one stores
+    tl.store(RSTD + ng, rstd, mask=split == 0)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        cmask = c_first + tl.arange(0, BLOCK_D) < c_end
+        scale = tl.full((BLOCK_D,), 1.0, ACC) * rstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
+        shift = tl.zeros((BLOCK_D,), ACC)
+        if HAS_BIAS:
+            shift = tl.load(B + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
+        for i in range(0, TILES_PER_SPLIT):
+            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
+            x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+            z = (x - mean) * scale[:, None] + shift[:, None]
+            if SILU:
+                z = z / (1.0 + tl.exp(-z))
+            tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_grad_sums_kernel(
+    X, DY, W, B, MEAN, RSTD, PART_G, PART_GX, C, S, D, G, TILES_PER_SPLIT, stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * G + g, split k): per-channel sums of g and g * (x - mean) over the
+    split's positions, at PART_*[(n * SPLITS + k) * C + c]."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    ng, split = tl.program_id(0), tl.program_id(1)
+    n, g = ng // G, ng % G
+    c_begin, c_end = g * D, g * D + D
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    part = (n.to(tl.int64) * tl.num_programs(1) + split) * C
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        c = c_first + tl.arange(0, BLOCK_D)
+        cmask = c < c_end
+        w = tl.full((BLOCK_D,), 1.0, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=cmask, other=0.0)
+        shift = tl.zeros((BLOCK_D,), ACC)
+        if HAS_BIAS:
+            shift = tl.load(B + c, mask=cmask, other=0.0)
+        acc_g = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+        acc_gx = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+        for i in range(0, TILES_PER_SPLIT):
+            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
+            centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
+            acc_g += grad
+            acc_gx += grad * centered
+        tl.store(PART_G + part + c, tl.sum(acc_g, axis=1), mask=cmask)
+        tl.store(PART_GX + part + c, tl.sum(acc_gx, axis=1), mask=cmask)
+
+
+@triton.jit
+def _gn_dx_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, PART_G, PART_GX, SUM_G, SUM_GXHAT, C, S, D, G, SPLITS, TILES_PER_SPLIT,
+    stride_n, stride_c, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * G + g, split k): the per-channel sums merged from the SPLITS partials
+    in order (stored at SUM_G, SUM_GXHAT [n, c] by split 0), the group's A, B, then dx over
+    the split's positions."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    ng, split = tl.program_id(0), tl.program_id(1)
+    n, g = ng // G, ng % G
+    c_begin, c_end = g * D, g * D + D
+    count = D * S  # an int: promoted to ACC where it divides
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    sum_wg = tl.zeros((BLOCK_D,), ACC)
+    sum_wgxhat = tl.zeros((BLOCK_D,), ACC)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        c = c_first + tl.arange(0, BLOCK_D)
+        cmask = c < c_end
+        w = tl.full((BLOCK_D,), 1.0, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=cmask, other=0.0)
+        sum_g = tl.zeros((BLOCK_D,), ACC)
+        sum_gx = tl.zeros((BLOCK_D,), ACC)
+        for k in range(0, SPLITS):
+            part = (n.to(tl.int64) * SPLITS + k) * C
+            sum_g += tl.load(PART_G + part + c, mask=cmask, other=0.0)
+            sum_gx += tl.load(PART_GX + part + c, mask=cmask, other=0.0)
+        sum_gxhat = sum_gx * rstd
+        tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=cmask & (split == 0))
+        tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=cmask & (split == 0))
+        sum_wg += w * sum_g
+        sum_wgxhat += w * sum_gxhat
+    k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
+    k_one = -rstd * tl.sum(sum_wg, axis=0) / count
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        c = c_first + tl.arange(0, BLOCK_D)
+        cmask = c < c_end
+        w = tl.full((BLOCK_D,), 1.0, ACC)
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=cmask, other=0.0)
+        shift = tl.zeros((BLOCK_D,), ACC)
+        if HAS_BIAS:
+            shift = tl.load(B + c, mask=cmask, other=0.0)
+        for i in range(0, TILES_PER_SPLIT):
+            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
+            centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
+            dx = grad * (w * rstd)[:, None] + centered * k_x + k_one
+            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_chunk_stats_kernel(
+    X, PART_MEAN, PART_M2, C, S, TILES_PER_SPLIT, stride_n, stride_s,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * chunks + chunk, split k) of BLOCK_C channels (GROUPS whole groups;
+    stride_c == 1): each group's mean and M2 over the split's positions, at
+    PART_*[group * SPLITS + k], group = n * G + g."""
+    ACC: tl.constexpr = PART_MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid, split = tl.program_id(0), tl.program_id(1)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    s_begin, s_end = _split_range(split, S, TILES_PER_SPLIT, BLOCK_S)
+    count = D * (s_end - s_begin)
+    # each group's values shifted by its first (position 0, any split can read it)
+    first = tl.load(X + n.to(tl.int64) * stride_n + c_first + tl.arange(0, GROUPS) * D).to(ACC)
+    first_c = _per_channel(first, GROUPS, D)
+    total = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for i in range(0, TILES_PER_SPLIT):
+        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first_c[None, :], 0.0)
+    mean = first + _per_group(tl.sum(total, axis=0), GROUPS, D) / count
+    mean_c = _per_channel(mean, GROUPS, D)
+    squares = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for i in range(0, TILES_PER_SPLIT):
+        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        squares += d * d
+    SPLITS = tl.num_programs(1)
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    tl.store(PART_MEAN + groups * SPLITS + split, mean)
+    tl.store(PART_M2 + groups * SPLITS + split, _per_group(tl.sum(squares, axis=0), GROUPS, D))
+
+
+@triton.jit
+def _gn_chunk_apply_kernel(
+    X, Y, W, B, MEAN, RSTD, PART_MEAN, PART_M2, C, S, SPLITS, TILES_PER_SPLIT, eps, stride_n, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * chunks + chunk, split k): the groups' mean and rstd merged from the
+    SPLITS partials (stored at MEAN, RSTD by split 0), then y over the split's positions."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid, split = tl.program_id(0), tl.program_id(1)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    mean, m2 = _merged_moments(PART_MEAN, PART_M2, groups, SPLITS, D, S, SPLITS, TILES_PER_SPLIT, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
+    tl.store(MEAN + groups, mean, mask=split == 0)
+    tl.store(RSTD + groups, rstd, mask=split == 0)
+    mean_c = _per_channel(mean, GROUPS, D)
+    c = c_first + tl.arange(0, BLOCK_C)
+    scale = _per_channel(rstd, GROUPS, D)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(W + c)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if HAS_BIAS:
+        shift = tl.load(B + c)
+    for i in range(0, TILES_PER_SPLIT):
+        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+        z = (x - mean_c[None, :]) * scale[None, :] + shift[None, :]
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_chunk_grad_sums_kernel(
+    X, DY, W, B, MEAN, RSTD, PART_G, PART_GX, C, S, TILES_PER_SPLIT, stride_n, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * chunks + chunk, split k): per-channel sums of g and g * (x - mean)
+    over the split's positions, at PART_*[(n * SPLITS + k) * C + c]."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid, split = tl.program_id(0), tl.program_id(1)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
+    rstd_c = _per_channel(tl.load(RSTD + groups), GROUPS, D)
+    c = c_first + tl.arange(0, BLOCK_C)
+    w = tl.full((BLOCK_C,), 1.0, ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + c)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if HAS_BIAS:
+        shift = tl.load(B + c)
+    acc_g = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    acc_gx = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for i in range(0, TILES_PER_SPLIT):
+        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        acc_g += grad
+        acc_gx += grad * centered
+    part = (n.to(tl.int64) * tl.num_programs(1) + split) * C
+    tl.store(PART_G + part + c, tl.sum(acc_g, axis=0))
+    tl.store(PART_GX + part + c, tl.sum(acc_gx, axis=0))
+
+
+@triton.jit
+def _gn_chunk_dx_kernel(
+    X, DY, DX, W, B, MEAN, RSTD, PART_G, PART_GX, SUM_G, SUM_GXHAT, C, S, SPLITS, TILES_PER_SPLIT,
+    stride_n, stride_s,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program (n * chunks + chunk, split k): the per-channel sums merged from the SPLITS
+    partials in order (stored at SUM_G, SUM_GXHAT [n, c] by split 0), the groups' A, B,
+    then dx over the split's positions."""
+    ACC: tl.constexpr = MEAN.dtype.element_ty
+    GROUPS: tl.constexpr = BLOCK_C // D
+    pid, split = tl.program_id(0), tl.program_id(1)
+    chunks = C // BLOCK_C
+    n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
+    count = D * S  # an int: promoted to ACC where it divides
+    groups = pid * GROUPS + tl.arange(0, GROUPS)
+    rstd = tl.load(RSTD + groups)
+    mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
+    rstd_c = _per_channel(rstd, GROUPS, D)
+    c = c_first + tl.arange(0, BLOCK_C)
+    w = tl.full((BLOCK_C,), 1.0, ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + c)
+    shift = tl.zeros((BLOCK_C,), ACC)
+    if HAS_BIAS:
+        shift = tl.load(B + c)
+    sum_g = tl.zeros((BLOCK_C,), ACC)
+    sum_gx = tl.zeros((BLOCK_C,), ACC)
+    for k in range(0, SPLITS):
+        part = (n.to(tl.int64) * SPLITS + k) * C
+        sum_g += tl.load(PART_G + part + c)
+        sum_gx += tl.load(PART_GX + part + c)
+    sum_gxhat = sum_gx * rstd_c
+    tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=split == 0)
+    tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=split == 0)
+    k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, GROUPS, D) / count, GROUPS, D)
+    k_one = _per_channel(-rstd * _per_group(w * sum_g, GROUPS, D) / count, GROUPS, D)
+    for i in range(0, TILES_PER_SPLIT):
+        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
+        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :]
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        dx = grad * (w * rstd_c)[None, :] + centered * k_x[None, :] + k_one[None, :]
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launch
 
 
@@ -315,6 +691,51 @@ def _blocks(C, D, S, stride_c, itemsize, device):
     return "group", block_d, max(1, min(block_s, tile // block_d))
 
 
+def _split_targets(device, programs=None):
+    """(programs, values): a launch is split until it has about `programs` programs (given,
+    or the device's), but not into tiles of fewer than `values` values. On a GPU 4 programs
+    per SM (one program walks its positions serially: a few per SM keep the memory system
+    busy) and tiles of 512 values or more; in the interpreter small numbers, so that the
+    tests' small shapes split too."""
+    if device.type == "cuda":
+        return programs or 4 * torch.cuda.get_device_properties(device).multi_processor_count, 512
+    return programs or 16, 16
+
+
+def _plan(N, C, D, S, stride_c, itemsize, device, target_programs=None, splits=None):
+    """(kind, block, BLOCK_S, SPLITS, TILES_PER_SPLIT): `_blocks`'s family and tile, and
+    the pieces S is split into, in one place. A launch of fewer than `target_programs`
+    programs (default: `_split_targets`'s, by device; `splits` forces a number instead,
+    for tests) splits S into pieces of TILES_PER_SPLIT whole tiles, enough of them to reach
+    the target where S has the tiles; for more pieces the tile takes fewer positions (and,
+    per group, more channels) while it holds enough values. An input of fewer than
+    `target` tiles' worth of values is not split. SPLITS == 1: the one-kernel path with
+    `_blocks`'s tile."""
+    kind, block, block_s = _blocks(C, D, S, stride_c, itemsize, device)
+    tiles = triton.cdiv(S, block_s)
+    units = N * (C // block if kind == "chunk" else C // D)
+    target, min_values = _split_targets(device, target_programs)
+    # small inputs (fewer than `target` tiles of `min_values`) stay whole: one launch
+    small = N * C * S < target * min_values
+    wanted = splits if splits is not None else 1 if small else triton.cdiv(target, max(units, 1))
+    if wanted <= 1:
+        return kind, block, block_s, 1, tiles
+    block_split, block_s_split = block, block_s
+    max_block_d = min(triton.next_power_of_2(D), 64)
+    while triton.cdiv(S, block_s_split) < wanted and block_s_split > 1:
+        grow = kind == "group" and block_split < max_block_d
+        if block_split * (2 if grow else 1) * (block_s_split // 2) < min_values:
+            break
+        block_split, block_s_split = block_split * (2 if grow else 1), block_s_split // 2
+    tiles_split = triton.cdiv(S, block_s_split)
+    # the target: at least `wanted` pieces where S has them; a forced number: at most it
+    per_split = triton.cdiv(tiles_split, wanted) if splits is not None else max(1, tiles_split // wanted)
+    pieces = triton.cdiv(tiles_split, per_split)  # never an empty one
+    if pieces == 1:
+        return kind, block, block_s, 1, tiles
+    return kind, block_split, block_s_split, pieces, per_split
+
+
 def _walkable(x):
     """x itself if dense (empty_like keeps its strides: y and dx then share them), else a
     contiguous copy."""
@@ -325,12 +746,13 @@ def _acc_param(param, acc):
     return param.to(acc).contiguous() if param is not None else None
 
 
-def gn_fwd(x, weight, bias, groups, eps, silu):
+def gn_fwd(x, weight, bias, groups, eps, silu, splits=None):
     """GroupNorm of x (N, C, S), any strides, optionally + SiLU.
 
     weight, bias: (C,) or None. Returns (y, mean, rstd): y in x's dtype and layout
     (empty_like), mean and rstd (N, groups) in float32 (float64 for float64 x), what
-    backward needs besides x."""
+    backward needs besides x. splits: force the number of pieces S is split into (tests;
+    None: `_plan`'s choice)."""
     x = _walkable(x)
     N, C, S = x.shape
     D = C // groups
@@ -342,23 +764,46 @@ def gn_fwd(x, weight, bias, groups, eps, silu):
         w, b = _acc_param(weight, acc), _acc_param(bias, acc)
         w, b = w if w is not None else mean, b if b is not None else mean  # any pointer when absent
         flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu)
-        kind, block, block_s = _blocks(C, D, S, x.stride(1), x.element_size(), x.device)
-        if kind == "chunk":
-            torch.library.wrap_triton(_gn_chunk_fwd_kernel)[(N * (C // block),)](
+        kind, block, block_s, pieces, per_split = _plan(N, C, D, S, x.stride(1), x.element_size(), x.device,
+                                                        splits=splits)
+        units = N * (C // block) if kind == "chunk" else N * groups
+        if pieces > 1:  # per-split (mean, M2) of each group, merged by the apply kernel
+            part_mean = torch.empty((N * groups * pieces,), dtype=acc, device=x.device)
+            part_m2 = torch.empty_like(part_mean)
+        if kind == "chunk" and pieces == 1:
+            torch.library.wrap_triton(_gn_chunk_fwd_kernel)[(units,)](
                 x, y, w, b, mean, rstd, C, S, eps, x.stride(0), x.stride(2), **flags,
                 D=D, BLOCK_C=block, BLOCK_S=block_s,
             )
-        else:
-            torch.library.wrap_triton(_gn_fwd_kernel)[(N * groups,)](
+        elif kind == "chunk":
+            tile = dict(D=D, BLOCK_C=block, BLOCK_S=block_s)
+            torch.library.wrap_triton(_gn_chunk_stats_kernel)[(units, pieces)](
+                x, part_mean, part_m2, C, S, per_split, x.stride(0), x.stride(2), **tile,
+            )
+            torch.library.wrap_triton(_gn_chunk_apply_kernel)[(units, pieces)](
+                x, y, w, b, mean, rstd, part_mean, part_m2, C, S, pieces, per_split, eps, x.stride(0), x.stride(2),
+                **flags, **tile,
+            )
+        elif pieces == 1:
+            torch.library.wrap_triton(_gn_fwd_kernel)[(units,)](
                 x, y, w, b, mean, rstd, S, D, groups, eps, *x.stride(), **flags, BLOCK_D=block, BLOCK_S=block_s,
+            )
+        else:
+            tile = dict(BLOCK_D=block, BLOCK_S=block_s)
+            torch.library.wrap_triton(_gn_stats_kernel)[(units, pieces)](
+                x, part_mean, part_m2, S, D, groups, per_split, *x.stride(), **tile,
+            )
+            torch.library.wrap_triton(_gn_apply_kernel)[(units, pieces)](
+                x, y, w, b, mean, rstd, part_mean, part_m2, S, D, groups, pieces, per_split, eps, *x.stride(),
+                **flags, **tile,
             )
     return y, mean, rstd
 
 
-def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
+def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu, splits=None):
     """Gradients of gn_fwd: (dx in x's layout, dweight, dbias), the parameter gradients
     in the parameters' dtypes (empty where absent), summed over the samples in order from
-    per-sample float32 partials (N, C): deterministic."""
+    per-sample float32 partials (N, C): deterministic. splits: as in gn_fwd."""
     x = _walkable(x)
     if dy.dtype != x.dtype or dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
@@ -373,16 +818,39 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
         mean, rstd = mean.contiguous(), rstd.contiguous()
         w, b = w if w is not None else mean, b if b is not None else mean  # any pointer when absent
         flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu)
-        kind, block, block_s = _blocks(C, D, S, x.stride(1), x.element_size(), x.device)
-        if kind == "chunk":
-            torch.library.wrap_triton(_gn_chunk_bwd_kernel)[(N * (C // block),)](
+        kind, block, block_s, pieces, per_split = _plan(N, C, D, S, x.stride(1), x.element_size(), x.device,
+                                                        splits=splits)
+        units = N * (C // block) if kind == "chunk" else N * groups
+        if pieces > 1:  # per-split per-channel sums (N, SPLITS, C), summed in order by the dx kernel
+            part_g = torch.empty((N, pieces, C), dtype=acc, device=x.device)
+            part_gx = torch.empty_like(part_g)
+        if kind == "chunk" and pieces == 1:
+            torch.library.wrap_triton(_gn_chunk_bwd_kernel)[(units,)](
                 x, dy, dx, w, b, mean, rstd, sum_g, sum_gxhat, C, S, x.stride(0), x.stride(2), **flags,
                 D=D, BLOCK_C=block, BLOCK_S=block_s,
             )
-        else:
-            torch.library.wrap_triton(_gn_bwd_kernel)[(N * groups,)](
+        elif kind == "chunk":
+            tile = dict(D=D, BLOCK_C=block, BLOCK_S=block_s)
+            torch.library.wrap_triton(_gn_chunk_grad_sums_kernel)[(units, pieces)](
+                x, dy, w, b, mean, rstd, part_g, part_gx, C, S, per_split, x.stride(0), x.stride(2), **flags, **tile,
+            )
+            torch.library.wrap_triton(_gn_chunk_dx_kernel)[(units, pieces)](
+                x, dy, dx, w, b, mean, rstd, part_g, part_gx, sum_g, sum_gxhat, C, S, pieces, per_split,
+                x.stride(0), x.stride(2), **flags, **tile,
+            )
+        elif pieces == 1:
+            torch.library.wrap_triton(_gn_bwd_kernel)[(units,)](
                 x, dy, dx, w, b, mean, rstd, sum_g, sum_gxhat, C, S, D, groups, *x.stride(), **flags,
                 BLOCK_D=block, BLOCK_S=block_s,
+            )
+        else:
+            tile = dict(BLOCK_D=block, BLOCK_S=block_s)
+            torch.library.wrap_triton(_gn_grad_sums_kernel)[(units, pieces)](
+                x, dy, w, b, mean, rstd, part_g, part_gx, C, S, D, groups, per_split, *x.stride(), **flags, **tile,
+            )
+            torch.library.wrap_triton(_gn_dx_kernel)[(units, pieces)](
+                x, dy, dx, w, b, mean, rstd, part_g, part_gx, sum_g, sum_gxhat, C, S, D, groups, pieces, per_split,
+                *x.stride(), **flags, **tile,
             )
     dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
