@@ -6,6 +6,7 @@ runs the op there; autograd is registered on the ops themselves (fastreg/_ops.py
 
 import math
 import warnings
+from functools import partial
 
 import torch
 
@@ -196,7 +197,13 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     # h is written only when it is returned or backward will need it
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    y, h, _, _ = _ops.impl("norm_fwd", backend)(
+    # eager differentiable calls of the C++ and Triton ops through a lean autograd.Function;
+    # torch.compile takes the ops' registered autograd; the torch reference is
+    # differentiated by autograd itself
+    norm_fwd = _ops.impl("norm_fwd", backend)
+    if needs_grad and backend != "torch" and not torch.compiler.is_compiling():
+        norm_fwd = partial(_ops.NormFunction.apply, backend)
+    y, h, _, _ = norm_fwd(
         rows,
         weight.reshape(-1) if weight is not None else None,
         bias.reshape(-1) if bias is not None else None,
