@@ -60,6 +60,140 @@ def _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s,
 
 
 @triton.jit
+def _grad_pre_activation(dy, centered, scale, shift, SILU: tl.constexpr):
+    """The gradient reaching z = centered * scale + shift (scale, shift broadcast to the
+    tile by the caller): dy, or dy * silu'(z)."""
+    if SILU:
+        z = centered * scale + shift
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        return dy * sig * (1.0 + z * (1.0 - sig))
+    else:
+        return dy
+
+
+@triton.jit
+def _affine_params(W, B, c, cmask, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(weight, bias) of channels c (those in cmask; all for None): 1 and 0 where the
+    module has none."""
+    w = tl.full((BLOCK,), 1.0, ACC)
+    b = tl.zeros((BLOCK,), ACC)
+    if cmask is None:  # every channel exists (a chunk): unmasked loads
+        if HAS_WEIGHT:
+            w = tl.load(W + c)
+        if HAS_BIAS:
+            b = tl.load(B + c)
+    else:
+        if HAS_WEIGHT:
+            w = tl.load(W + c, mask=cmask, other=0.0)
+        if HAS_BIAS:
+            b = tl.load(B + c, mask=cmask, other=0.0)
+    return w, b
+
+
+@triton.jit
+def _positions_in(tile_first, tiles, S, BLOCK_S: tl.constexpr):
+    """How many positions of S the tiles [tile_first, tile_first + tiles) cover."""
+    s_begin = tile_first * BLOCK_S
+    return tl.minimum(S, s_begin + tiles * BLOCK_S) - s_begin
+
+
+# The steps of a program, over the S tiles [tile_first, tile_first + tiles) of its unit:
+# all of S in the one-kernel launches, the split's own tiles in the split ones. A tile's
+# first position is a multiple of the constexpr BLOCK_S: the compiler sees its alignment.
+
+# ------------------------------------------------------- per group: the steps
+
+
+@triton.jit
+def _group_moments(X, n, c_begin, c_end, S, tile_first, tiles, stride_n, stride_c, stride_s,
+                   ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(mean, M2) of group [c_begin, c_end) of sample n over the tiles, in two passes over
+    values shifted by the group's first (which every split can read): a large mean costs
+    no precision."""
+    count = (c_end - c_begin) * _positions_in(tile_first, tiles, S, BLOCK_S)  # an int: promoted where it divides
+    first = tl.load(X + n.to(tl.int64) * stride_n + c_begin.to(tl.int64) * stride_c).to(ACC)
+    total = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        for t in range(tile_first, tile_first + tiles):
+            offsets, mask, _ = _group_tile(n, c_first, c_end, t * BLOCK_S, S, stride_n, stride_c, stride_s,
+                                           BLOCK_D, BLOCK_S)
+            total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first, 0.0)
+    mean = first + tl.sum(tl.sum(total, axis=1), axis=0) / count
+    squares = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        for t in range(tile_first, tile_first + tiles):
+            offsets, mask, _ = _group_tile(n, c_first, c_end, t * BLOCK_S, S, stride_n, stride_c, stride_s,
+                                           BLOCK_D, BLOCK_S)
+            d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+            squares += d * d
+    return mean, tl.sum(tl.sum(squares, axis=1), axis=0)
+
+
+@triton.jit
+def _group_write_y(X, Y, W, B, n, c_begin, c_end, mean, rstd, S, tile_first, tiles, stride_n, stride_c, stride_s,
+                   ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y of group [c_begin, c_end) of sample n over the tiles (Y has X's strides)."""
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        c = c_first + tl.arange(0, BLOCK_D)
+        w, shift = _affine_params(W, B, c, c < c_end, ACC, BLOCK_D, HAS_WEIGHT, HAS_BIAS)
+        scale = w * rstd
+        for t in range(tile_first, tile_first + tiles):
+            offsets, mask, _ = _group_tile(n, c_first, c_end, t * BLOCK_S, S, stride_n, stride_c, stride_s,
+                                           BLOCK_D, BLOCK_S)
+            x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+            z = (x - mean) * scale[:, None] + shift[:, None]
+            if SILU:
+                z = z / (1.0 + tl.exp(-z))
+            tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_grad_sums(X, DY, W, B, n, c_first, c_end, mean, rstd, S, tile_first, tiles, stride_n, stride_c, stride_s,
+                     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel of [c_first, c_first + BLOCK_D) (below c_end): (w, sum g, sum g * (x - mean))
+    over the tiles."""
+    c = c_first + tl.arange(0, BLOCK_D)
+    w, shift = _affine_params(W, B, c, c < c_end, ACC, BLOCK_D, HAS_WEIGHT, HAS_BIAS)
+    acc_g = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    acc_gx = tl.zeros((BLOCK_D, BLOCK_S), ACC)
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask, _ = _group_tile(n, c_first, c_end, t * BLOCK_S, S, stride_n, stride_c, stride_s,
+                                       BLOCK_D, BLOCK_S)
+        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
+        acc_g += grad
+        acc_gx += grad * centered
+    return w, tl.sum(acc_g, axis=1), tl.sum(acc_gx, axis=1)
+
+
+@triton.jit
+def _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, tile_first, tiles,
+                    stride_n, stride_c, stride_s,
+                    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx of group [c_begin, c_end) of sample n over the tiles, from the group's
+    coefficients k_x, k_one (DY and DX have X's strides)."""
+    for c_first in range(c_begin, c_end, BLOCK_D):
+        c = c_first + tl.arange(0, BLOCK_D)
+        w, shift = _affine_params(W, B, c, c < c_end, ACC, BLOCK_D, HAS_WEIGHT, HAS_BIAS)
+        for t in range(tile_first, tile_first + tiles):
+            offsets, mask, _ = _group_tile(n, c_first, c_end, t * BLOCK_S, S, stride_n, stride_c, stride_s,
+                                           BLOCK_D, BLOCK_S)
+            centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean
+            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
+            dx = grad * (w * rstd)[:, None] + centered * k_x + k_one
+            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------- per group: one-kernel launches
+
+
+@triton.jit
 def _gn_fwd_kernel(
     X, Y, W, B, MEAN, RSTD, S, D, G, eps, stride_n, stride_c, stride_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
@@ -70,52 +204,13 @@ def _gn_fwd_kernel(
     ACC: tl.constexpr = MEAN.dtype.element_ty
     ng = tl.program_id(0)
     n, g = ng // G, ng % G
-    c_begin, c_end = g * D, g * D + D
-    count = D * S  # an int: promoted to ACC where it divides
-    # the mean of values shifted by the group's first: a large mean costs no precision
-    first = tl.load(X + n.to(tl.int64) * stride_n + c_begin.to(tl.int64) * stride_c).to(ACC)
-    total = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        for s_start in range(0, S, BLOCK_S):
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first, 0.0)
-    mean = first + tl.sum(tl.sum(total, axis=1), axis=0) / count
-    squares = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        for s_start in range(0, S, BLOCK_S):
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
-            squares += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / count + eps)
+    tiles = tl.cdiv(S, BLOCK_S)
+    mean, m2 = _group_moments(X, n, g * D, g * D + D, S, 0, tiles, stride_n, stride_c, stride_s, ACC, BLOCK_D, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
     tl.store(MEAN + ng, mean)
     tl.store(RSTD + ng, rstd)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        cmask = c_first + tl.arange(0, BLOCK_D) < c_end
-        scale = tl.full((BLOCK_D,), 1.0, ACC) * rstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(W + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
-        for s_start in range(0, S, BLOCK_S):
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-            z = (x - mean) * scale[:, None] + shift[:, None]
-            if SILU:
-                z = z / (1.0 + tl.exp(-z))
-            tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _grad_pre_activation(dy, centered, scale, shift, SILU: tl.constexpr):
-    """The gradient reaching z = centered * scale + shift (scale, shift broadcast to the
-    tile by the caller): dy, or dy * silu'(z)."""
-    if SILU:
-        z = centered * scale + shift
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        return dy * sig * (1.0 + z * (1.0 - sig))
-    else:
-        return dy
+    _group_write_y(X, Y, W, B, n, g * D, g * D + D, mean, rstd, S, 0, tiles, stride_n, stride_c, stride_s,
+                   ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -131,52 +226,25 @@ def _gn_bwd_kernel(
     n, g = ng // G, ng % G
     c_begin, c_end = g * D, g * D + D
     count = D * S  # an int: promoted to ACC where it divides
+    tiles = tl.cdiv(S, BLOCK_S)
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
     sum_wg = tl.zeros((BLOCK_D,), ACC)
     sum_wgxhat = tl.zeros((BLOCK_D,), ACC)
     for c_first in range(c_begin, c_end, BLOCK_D):
         c = c_first + tl.arange(0, BLOCK_D)
-        cmask = c < c_end
-        w = tl.full((BLOCK_D,), 1.0, ACC)
-        if HAS_WEIGHT:
-            w = tl.load(W + c, mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c, mask=cmask, other=0.0)
-        acc_g = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-        acc_gx = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-        for s_start in range(0, S, BLOCK_S):
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
-            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
-            acc_g += grad
-            acc_gx += grad * centered
-        sum_g = tl.sum(acc_g, axis=1)
-        sum_gxhat = tl.sum(acc_gx, axis=1) * rstd
-        tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=cmask)
-        tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=cmask)
+        w, sum_g, sum_gx = _group_grad_sums(X, DY, W, B, n, c_first, c_end, mean, rstd, S, 0, tiles,
+                                            stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU,
+                                            BLOCK_D, BLOCK_S)
+        sum_gxhat = sum_gx * rstd
+        tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=c < c_end)
+        tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=c < c_end)
         sum_wg += w * sum_g
         sum_wgxhat += w * sum_gxhat
     k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
     k_one = -rstd * tl.sum(sum_wg, axis=0) / count
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        c = c_first + tl.arange(0, BLOCK_D)
-        cmask = c < c_end
-        w = tl.full((BLOCK_D,), 1.0, ACC)
-        if HAS_WEIGHT:
-            w = tl.load(W + c, mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c, mask=cmask, other=0.0)
-        for s_start in range(0, S, BLOCK_S):
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean
-            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
-            dx = grad * (w * rstd)[:, None] + centered * k_x + k_one
-            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, 0, tiles,
+                    stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
 
 
 # ------------------------------------------------ channels-last: chunks of whole groups
@@ -207,6 +275,88 @@ def _per_channel(v, GROUPS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _chunk_moments(X, n, c_first, S, tile_first, tiles, stride_n, stride_s,
+                   ACC: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(mean, M2), (GROUPS,) each, of the chunk's groups over the tiles, in two passes over
+    values shifted by each group's first (position 0, which every split can read)."""
+    GROUPS: tl.constexpr = BLOCK_C // D
+    count = D * _positions_in(tile_first, tiles, S, BLOCK_S)  # an int: promoted where it divides
+    first = tl.load(X + n.to(tl.int64) * stride_n + c_first + tl.arange(0, GROUPS) * D).to(ACC)
+    first_c = _per_channel(first, GROUPS, D)
+    total = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask = _chunk_tile(n, c_first, t * BLOCK_S, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first_c[None, :], 0.0)
+    mean = first + _per_group(tl.sum(total, axis=0), GROUPS, D) / count
+    mean_c = _per_channel(mean, GROUPS, D)
+    # second pass over the chunk (re-read from L2): squared deviations from the mean
+    squares = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask = _chunk_tile(n, c_first, t * BLOCK_S, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        squares += d * d
+    return mean, _per_group(tl.sum(squares, axis=0), GROUPS, D)
+
+
+@triton.jit
+def _chunk_write_y(X, Y, W, B, n, c_first, mean, rstd, S, tile_first, tiles, stride_n, stride_s,
+                   ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                   D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y of the chunk over the tiles, from its groups' mean and rstd (GROUPS,)."""
+    GROUPS: tl.constexpr = BLOCK_C // D
+    c = c_first + tl.arange(0, BLOCK_C)
+    w, shift = _affine_params(W, B, c, None, ACC, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    mean_c = _per_channel(mean, GROUPS, D)
+    scale = _per_channel(rstd, GROUPS, D) * w
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask = _chunk_tile(n, c_first, t * BLOCK_S, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
+        z = (x - mean_c[None, :]) * scale[None, :] + shift[None, :]
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_grad_sums(X, DY, w, shift, n, c_first, mean_c, rstd_c, S, tile_first, tiles, stride_n, stride_s,
+                     ACC: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel of the chunk: (sum g, sum g * (x - mean)) over the tiles."""
+    acc_g = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    acc_gx = tl.zeros((BLOCK_S, BLOCK_C), ACC)
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask = _chunk_tile(n, c_first, t * BLOCK_S, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        acc_g += grad
+        acc_gx += grad * centered
+    return tl.sum(acc_g, axis=0), tl.sum(acc_gx, axis=0)
+
+
+@triton.jit
+def _chunk_write_dx(X, DY, DX, w, shift, n, c_first, rstd, sum_g, sum_gxhat, mean_c, S, tile_first, tiles,
+                    stride_n, stride_s, ACC: tl.constexpr, SILU: tl.constexpr, D: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx of the chunk over the tiles, from the per-channel sums over all of S (the
+    groups' A, B formed here)."""
+    GROUPS: tl.constexpr = BLOCK_C // D
+    count = D * S  # an int: promoted where it divides
+    rstd_c = _per_channel(rstd, GROUPS, D)
+    k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, GROUPS, D) / count, GROUPS, D)
+    k_one = _per_channel(-rstd * _per_group(w * sum_g, GROUPS, D) / count, GROUPS, D)
+    for t in range(tile_first, tile_first + tiles):
+        offsets, mask = _chunk_tile(n, c_first, t * BLOCK_S, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
+        centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :]
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
+        dx = grad * (w * rstd_c)[None, :] + centered * k_x[None, :] + k_one[None, :]
+        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------- per chunk: one-kernel launches
+
+
+@triton.jit
 def _gn_chunk_fwd_kernel(
     X, Y, W, B, MEAN, RSTD, C, S, eps, stride_n, stride_s,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
@@ -220,40 +370,14 @@ def _gn_chunk_fwd_kernel(
     pid = tl.program_id(0)
     chunks = C // BLOCK_C
     n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
-    count = D * S  # an int: promoted to ACC where it divides
-    # each group's values shifted by its first (position 0): a large mean costs no precision
-    first = tl.load(X + n.to(tl.int64) * stride_n + c_first + tl.arange(0, GROUPS) * D).to(ACC)
-    first_c = _per_channel(first, GROUPS, D)
-    total = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for s_start in range(0, S, BLOCK_S):
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first_c[None, :], 0.0)
-    mean = first + _per_group(tl.sum(total, axis=0), GROUPS, D) / count
-    mean_c = _per_channel(mean, GROUPS, D)
-    # second pass over the chunk (re-read from L2): squared deviations from the mean
-    squares = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for s_start in range(0, S, BLOCK_S):
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
-        squares += d * d
-    rstd = 1.0 / tl.sqrt(_per_group(tl.sum(squares, axis=0), GROUPS, D) / count + eps)
+    tiles = tl.cdiv(S, BLOCK_S)
+    mean, m2 = _chunk_moments(X, n, c_first, S, 0, tiles, stride_n, stride_s, ACC, D, BLOCK_C, BLOCK_S)
+    rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
     groups = pid * GROUPS + tl.arange(0, GROUPS)
     tl.store(MEAN + groups, mean)
     tl.store(RSTD + groups, rstd)
-    c = c_first + tl.arange(0, BLOCK_C)
-    scale = _per_channel(rstd, GROUPS, D)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(W + c)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if HAS_BIAS:
-        shift = tl.load(B + c)
-    for s_start in range(0, S, BLOCK_S):
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-        z = (x - mean_c[None, :]) * scale[None, :] + shift[None, :]
-        if SILU:
-            z = z / (1.0 + tl.exp(-z))
-        tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+    _chunk_write_y(X, Y, W, B, n, c_first, mean, rstd, S, 0, tiles, stride_n, stride_s,
+                   ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
@@ -270,56 +394,27 @@ def _gn_chunk_bwd_kernel(
     pid = tl.program_id(0)
     chunks = C // BLOCK_C
     n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
-    count = D * S  # an int: promoted to ACC where it divides
+    tiles = tl.cdiv(S, BLOCK_S)
     groups = pid * GROUPS + tl.arange(0, GROUPS)
     rstd = tl.load(RSTD + groups)
     mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
     rstd_c = _per_channel(rstd, GROUPS, D)
     c = c_first + tl.arange(0, BLOCK_C)
-    w = tl.full((BLOCK_C,), 1.0, ACC)
-    if HAS_WEIGHT:
-        w = tl.load(W + c)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if HAS_BIAS:
-        shift = tl.load(B + c)
-    acc_g = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    acc_gx = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for s_start in range(0, S, BLOCK_S):
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
-        acc_g += grad
-        acc_gx += grad * centered
-    sum_g = tl.sum(acc_g, axis=0)
-    sum_gxhat = tl.sum(acc_gx, axis=0) * rstd_c
+    w, shift = _affine_params(W, B, c, None, ACC, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    sum_g, sum_gx = _chunk_grad_sums(X, DY, w, shift, n, c_first, mean_c, rstd_c, S, 0, tiles, stride_n, stride_s,
+                                     ACC, SILU, BLOCK_C, BLOCK_S)
+    sum_gxhat = sum_gx * rstd_c
     tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g)
     tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat)
-    k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, GROUPS, D) / count, GROUPS, D)
-    k_one = _per_channel(-rstd * _per_group(w * sum_g, GROUPS, D) / count, GROUPS, D)
-    for s_start in range(0, S, BLOCK_S):
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :]
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
-        dx = grad * (w * rstd_c)[None, :] + centered * k_x[None, :] + k_one[None, :]
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    _chunk_write_dx(X, DY, DX, w, shift, n, c_first, rstd, sum_g, sum_gxhat, mean_c, S, 0, tiles,
+                    stride_n, stride_s, ACC, SILU, D, BLOCK_C, BLOCK_S)
 
 
 # ------------------------------------------- split launches: S in SPLITS pieces, two kernels
 # Program (unit, split k) takes the S tiles [k * TILES_PER_SPLIT, (k + 1) * TILES_PER_SPLIT)
 # of its unit (a group, or a chunk of whole groups): SPLITS times the programs of the
-# one-kernel path, so that a GPU has enough of them. A tile's first position is a multiple
-# of the constexpr BLOCK_S (s_start below): the compiler sees its alignment, as in the
-# one-kernel path. The partials are merged in split order by every program that needs
-# them: deterministic, no atomics.
-
-
-@triton.jit
-def _split_range(split, S, TILES_PER_SPLIT, BLOCK_S: tl.constexpr):
-    """[s_begin, s_end): the positions of split `split` (never empty: the launcher sizes SPLITS)."""
-    s_begin = split * TILES_PER_SPLIT * BLOCK_S
-    return s_begin, tl.minimum(S, s_begin + TILES_PER_SPLIT * BLOCK_S)
+# one-kernel launches, so that a GPU has enough of them, with the same steps. The partials
+# are merged in split order by every program that needs them: deterministic, no atomics.
 
 
 @triton.jit
@@ -330,11 +425,9 @@ def _merged_moments(PART_MEAN, PART_M2, index, split_stride, D, S, SPLITS, TILES
     (count-weighted, no large sums of squares: a large mean costs no precision)."""
     mean = tl.load(PART_MEAN + index * split_stride)
     m2 = tl.load(PART_M2 + index * split_stride)
-    s_begin, s_end = _split_range(0, S, TILES_PER_SPLIT, BLOCK_S)
-    count = (D * (s_end - s_begin)).to(mean.dtype)
+    count = (D * _positions_in(0, TILES_PER_SPLIT, S, BLOCK_S)).to(mean.dtype)
     for k in range(1, SPLITS):
-        s_begin, s_end = _split_range(k, S, TILES_PER_SPLIT, BLOCK_S)
-        count_k = (D * (s_end - s_begin)).to(mean.dtype)
+        count_k = (D * _positions_in(k * TILES_PER_SPLIT, TILES_PER_SPLIT, S, BLOCK_S)).to(mean.dtype)
         mean_k = tl.load(PART_MEAN + index * split_stride + k)
         m2_k = tl.load(PART_M2 + index * split_stride + k)
         total = count + count_k
@@ -355,28 +448,11 @@ def _gn_stats_kernel(
     ACC: tl.constexpr = PART_MEAN.dtype.element_ty
     ng, split = tl.program_id(0), tl.program_id(1)
     n, g = ng // G, ng % G
-    c_begin, c_end = g * D, g * D + D
-    s_begin, s_end = _split_range(split, S, TILES_PER_SPLIT, BLOCK_S)
-    count = D * (s_end - s_begin)
-    # shifted by the group's first value (any split can read it): a large mean costs no precision
-    first = tl.load(X + n.to(tl.int64) * stride_n + c_begin.to(tl.int64) * stride_c).to(ACC)
-    total = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        for i in range(0, TILES_PER_SPLIT):
-            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first, 0.0)
-    mean = first + tl.sum(tl.sum(total, axis=1), axis=0) / count
-    squares = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        for i in range(0, TILES_PER_SPLIT):
-            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
-            squares += d * d
+    mean, m2 = _group_moments(X, n, g * D, g * D + D, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT,
+                              stride_n, stride_c, stride_s, ACC, BLOCK_D, BLOCK_S)
     SPLITS = tl.num_programs(1)
     tl.store(PART_MEAN + ng * SPLITS + split, mean)
-    tl.store(PART_M2 + ng * SPLITS + split, tl.sum(tl.sum(squares, axis=1), axis=0))
+    tl.store(PART_M2 + ng * SPLITS + split, m2)
 
 
 @triton.jit
@@ -392,27 +468,12 @@ def _gn_apply_kernel(
     ACC: tl.constexpr = MEAN.dtype.element_ty
     ng, split = tl.program_id(0), tl.program_id(1)
     n, g = ng // G, ng % G
-    c_begin, c_end = g * D, g * D + D
     mean, m2 = _merged_moments(PART_MEAN, PART_M2, ng, SPLITS, D, S, SPLITS, TILES_PER_SPLIT, BLOCK_S)
     rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
     tl.store(MEAN + ng, mean, mask=split == 0)  # every piece merges the same: one stores
     tl.store(RSTD + ng, rstd, mask=split == 0)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        cmask = c_first + tl.arange(0, BLOCK_D) < c_end
-        scale = tl.full((BLOCK_D,), 1.0, ACC) * rstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(W + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c_first + tl.arange(0, BLOCK_D), mask=cmask, other=0.0)
-        for i in range(0, TILES_PER_SPLIT):
-            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-            z = (x - mean) * scale[:, None] + shift[:, None]
-            if SILU:
-                z = z / (1.0 + tl.exp(-z))
-            tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+    _group_write_y(X, Y, W, B, n, g * D, g * D + D, mean, rstd, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT,
+                   stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -432,25 +493,11 @@ def _gn_grad_sums_kernel(
     part = (n.to(tl.int64) * tl.num_programs(1) + split) * C
     for c_first in range(c_begin, c_end, BLOCK_D):
         c = c_first + tl.arange(0, BLOCK_D)
-        cmask = c < c_end
-        w = tl.full((BLOCK_D,), 1.0, ACC)
-        if HAS_WEIGHT:
-            w = tl.load(W + c, mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c, mask=cmask, other=0.0)
-        acc_g = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-        acc_gx = tl.zeros((BLOCK_D, BLOCK_S), ACC)
-        for i in range(0, TILES_PER_SPLIT):
-            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean, 0.0)
-            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
-            acc_g += grad
-            acc_gx += grad * centered
-        tl.store(PART_G + part + c, tl.sum(acc_g, axis=1), mask=cmask)
-        tl.store(PART_GX + part + c, tl.sum(acc_gx, axis=1), mask=cmask)
+        _, sum_g, sum_gx = _group_grad_sums(X, DY, W, B, n, c_first, c_end, mean, rstd, S,
+                                            split * TILES_PER_SPLIT, TILES_PER_SPLIT, stride_n, stride_c, stride_s,
+                                            ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
+        tl.store(PART_G + part + c, sum_g, mask=c < c_end)
+        tl.store(PART_GX + part + c, sum_gx, mask=c < c_end)
 
 
 @triton.jit
@@ -475,9 +522,7 @@ def _gn_dx_kernel(
     for c_first in range(c_begin, c_end, BLOCK_D):
         c = c_first + tl.arange(0, BLOCK_D)
         cmask = c < c_end
-        w = tl.full((BLOCK_D,), 1.0, ACC)
-        if HAS_WEIGHT:
-            w = tl.load(W + c, mask=cmask, other=0.0)
+        w, _ = _affine_params(W, B, c, cmask, ACC, BLOCK_D, HAS_WEIGHT, False)
         sum_g = tl.zeros((BLOCK_D,), ACC)
         sum_gx = tl.zeros((BLOCK_D,), ACC)
         for k in range(0, SPLITS):
@@ -491,23 +536,8 @@ def _gn_dx_kernel(
         sum_wgxhat += w * sum_gxhat
     k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
     k_one = -rstd * tl.sum(sum_wg, axis=0) / count
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        c = c_first + tl.arange(0, BLOCK_D)
-        cmask = c < c_end
-        w = tl.full((BLOCK_D,), 1.0, ACC)
-        if HAS_WEIGHT:
-            w = tl.load(W + c, mask=cmask, other=0.0)
-        shift = tl.zeros((BLOCK_D,), ACC)
-        if HAS_BIAS:
-            shift = tl.load(B + c, mask=cmask, other=0.0)
-        for i in range(0, TILES_PER_SPLIT):
-            s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-            offsets, mask, _ = _group_tile(n, c_first, c_end, s_start, S, stride_n, stride_c, stride_s, BLOCK_D, BLOCK_S)
-            centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean
-            dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-            grad = _grad_pre_activation(dy, centered, (w * rstd)[:, None], shift[:, None], SILU)
-            dx = grad * (w * rstd)[:, None] + centered * k_x + k_one
-            tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, split * TILES_PER_SPLIT,
+                    TILES_PER_SPLIT, stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -523,28 +553,12 @@ def _gn_chunk_stats_kernel(
     pid, split = tl.program_id(0), tl.program_id(1)
     chunks = C // BLOCK_C
     n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
-    s_begin, s_end = _split_range(split, S, TILES_PER_SPLIT, BLOCK_S)
-    count = D * (s_end - s_begin)
-    # each group's values shifted by its first (position 0, any split can read it)
-    first = tl.load(X + n.to(tl.int64) * stride_n + c_first + tl.arange(0, GROUPS) * D).to(ACC)
-    first_c = _per_channel(first, GROUPS, D)
-    total = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for i in range(0, TILES_PER_SPLIT):
-        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        total += tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - first_c[None, :], 0.0)
-    mean = first + _per_group(tl.sum(total, axis=0), GROUPS, D) / count
-    mean_c = _per_channel(mean, GROUPS, D)
-    squares = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for i in range(0, TILES_PER_SPLIT):
-        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
-        squares += d * d
+    mean, m2 = _chunk_moments(X, n, c_first, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT, stride_n, stride_s,
+                              ACC, D, BLOCK_C, BLOCK_S)
     SPLITS = tl.num_programs(1)
     groups = pid * GROUPS + tl.arange(0, GROUPS)
     tl.store(PART_MEAN + groups * SPLITS + split, mean)
-    tl.store(PART_M2 + groups * SPLITS + split, _per_group(tl.sum(squares, axis=0), GROUPS, D))
+    tl.store(PART_M2 + groups * SPLITS + split, m2)
 
 
 @triton.jit
@@ -565,22 +579,8 @@ def _gn_chunk_apply_kernel(
     rstd = 1.0 / tl.sqrt(m2 / (D * S) + eps)
     tl.store(MEAN + groups, mean, mask=split == 0)
     tl.store(RSTD + groups, rstd, mask=split == 0)
-    mean_c = _per_channel(mean, GROUPS, D)
-    c = c_first + tl.arange(0, BLOCK_C)
-    scale = _per_channel(rstd, GROUPS, D)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(W + c)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if HAS_BIAS:
-        shift = tl.load(B + c)
-    for i in range(0, TILES_PER_SPLIT):
-        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-        z = (x - mean_c[None, :]) * scale[None, :] + shift[None, :]
-        if SILU:
-            z = z / (1.0 + tl.exp(-z))
-        tl.store(Y + offsets, z.to(Y.dtype.element_ty), mask=mask)
+    _chunk_write_y(X, Y, W, B, n, c_first, mean, rstd, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT,
+                   stride_n, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
@@ -600,25 +600,12 @@ def _gn_chunk_grad_sums_kernel(
     mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
     rstd_c = _per_channel(tl.load(RSTD + groups), GROUPS, D)
     c = c_first + tl.arange(0, BLOCK_C)
-    w = tl.full((BLOCK_C,), 1.0, ACC)
-    if HAS_WEIGHT:
-        w = tl.load(W + c)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if HAS_BIAS:
-        shift = tl.load(B + c)
-    acc_g = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    acc_gx = tl.zeros((BLOCK_S, BLOCK_C), ACC)
-    for i in range(0, TILES_PER_SPLIT):
-        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        centered = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :], 0.0)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
-        acc_g += grad
-        acc_gx += grad * centered
+    w, shift = _affine_params(W, B, c, None, ACC, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
+    sum_g, sum_gx = _chunk_grad_sums(X, DY, w, shift, n, c_first, mean_c, rstd_c, S, split * TILES_PER_SPLIT,
+                                     TILES_PER_SPLIT, stride_n, stride_s, ACC, SILU, BLOCK_C, BLOCK_S)
     part = (n.to(tl.int64) * tl.num_programs(1) + split) * C
-    tl.store(PART_G + part + c, tl.sum(acc_g, axis=0))
-    tl.store(PART_GX + part + c, tl.sum(acc_gx, axis=0))
+    tl.store(PART_G + part + c, sum_g)
+    tl.store(PART_GX + part + c, sum_gx)
 
 
 @triton.jit
@@ -636,37 +623,22 @@ def _gn_chunk_dx_kernel(
     pid, split = tl.program_id(0), tl.program_id(1)
     chunks = C // BLOCK_C
     n, c_first = pid // chunks, (pid % chunks) * BLOCK_C
-    count = D * S  # an int: promoted to ACC where it divides
     groups = pid * GROUPS + tl.arange(0, GROUPS)
     rstd = tl.load(RSTD + groups)
     mean_c = _per_channel(tl.load(MEAN + groups), GROUPS, D)
-    rstd_c = _per_channel(rstd, GROUPS, D)
     c = c_first + tl.arange(0, BLOCK_C)
-    w = tl.full((BLOCK_C,), 1.0, ACC)
-    if HAS_WEIGHT:
-        w = tl.load(W + c)
-    shift = tl.zeros((BLOCK_C,), ACC)
-    if HAS_BIAS:
-        shift = tl.load(B + c)
+    w, shift = _affine_params(W, B, c, None, ACC, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
     sum_g = tl.zeros((BLOCK_C,), ACC)
     sum_gx = tl.zeros((BLOCK_C,), ACC)
     for k in range(0, SPLITS):
         part = (n.to(tl.int64) * SPLITS + k) * C
         sum_g += tl.load(PART_G + part + c)
         sum_gx += tl.load(PART_GX + part + c)
-    sum_gxhat = sum_gx * rstd_c
+    sum_gxhat = sum_gx * _per_channel(rstd, GROUPS, D)
     tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=split == 0)
     tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=split == 0)
-    k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, GROUPS, D) / count, GROUPS, D)
-    k_one = _per_channel(-rstd * _per_group(w * sum_g, GROUPS, D) / count, GROUPS, D)
-    for i in range(0, TILES_PER_SPLIT):
-        s_start = (split * TILES_PER_SPLIT + i) * BLOCK_S
-        offsets, mask = _chunk_tile(n, c_first, s_start, S, stride_n, stride_s, BLOCK_S, BLOCK_C)
-        centered = tl.load(X + offsets, mask=mask, other=0.0).to(ACC) - mean_c[None, :]
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        grad = _grad_pre_activation(dy, centered, (w * rstd_c)[None, :], shift[None, :], SILU)
-        dx = grad * (w * rstd_c)[None, :] + centered * k_x[None, :] + k_one[None, :]
-        tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    _chunk_write_dx(X, DY, DX, w, shift, n, c_first, rstd, sum_g, sum_gxhat, mean_c, S, split * TILES_PER_SPLIT,
+                    TILES_PER_SPLIT, stride_n, stride_s, ACC, SILU, D, BLOCK_C, BLOCK_S)
 
 
 # ----------------------------------------------------------------------------- launch
