@@ -6,6 +6,7 @@ get their fake kernels and autograd here; Triton ops are defined here as
 maps a backend name to the callable that runs it.
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -190,8 +191,13 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        norm_backward = _make_norm_backward(impl("norm_fwd", ctx.backend), impl("norm_bwd", ctx.backend))
-        return (None, *norm_backward(ctx, *grads))
+        return (None, *_norm_backward_of(ctx.backend)(ctx, *grads))
+
+
+@functools.cache
+def _norm_backward_of(backend):
+    """The backward of the norm ops of `backend`, made once."""
+    return _make_norm_backward(impl("norm_fwd", backend), impl("norm_bwd", backend))
 
 
 def _register_norm_autograd(op_name, norm_fwd_op, norm_bwd_op):
