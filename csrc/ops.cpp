@@ -76,8 +76,8 @@ TORCH_LIBRARY(fastreg, m) {
       "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
       "float bias_correction2, float inv_grad_scale) -> ()");
   // steps[i] += value for float32 scalars on the CPU (the optimizers' step counts, torch's
-  // state layout): one host loop instead of one dispatched add per tensor (_foreach_add_
-  // on CPU scalars costs ~1.6 us each, 3% of a 10M-parameter AdamW step over 100 tensors).
+  // state layout): one host loop instead of one dispatched add per tensor, which is what
+  // _foreach_add_ does on CPU scalars.
   m.def("add_to_steps_(Tensor(a!)[] steps, float value) -> ()");
   // GroupNorm (and InstanceNorm: groups = C) over x of shape (N, C, S) with any strides,
   // optionally followed by SiLU: y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]),
