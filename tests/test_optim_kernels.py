@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastreg
-from fastreg import _ext, _ops, _reference
+from fastreg import _ext, _reference
+from fastreg.ops.optim import ADAM_STEP, SGD_STEP
 from tests import triton_aot
 from tests.conftest import GPU, skip_unless_runs
 
@@ -121,7 +122,7 @@ def _assert_masters_rounded_into_params(got):
 
 
 def _op(name, backend):
-    return _ops.impl(name, backend)
+    return {"sgd_step_": SGD_STEP, "adam_step_": ADAM_STEP}[name][backend]
 
 
 SGD_OPTIONS = {
@@ -250,8 +251,8 @@ def test_cuda_optimizer_kernels_are_built():
 
 
 def test_triton_ops_are_registered():
-    assert fastreg._ops.impl("sgd_step_", "triton") is torch.ops.fastreg.sgd_step_triton_.default
-    assert fastreg._ops.impl("adam_step_", "triton") is torch.ops.fastreg.adam_step_triton_.default
+    assert SGD_STEP["triton"] is torch.ops.fastreg.sgd_step_triton_.default
+    assert ADAM_STEP["triton"] is torch.ops.fastreg.adam_step_triton_.default
 
 
 def _optim_case(case_id, **options):
