@@ -33,7 +33,7 @@ def _build_cuda() -> bool:
 
 
 def _extension():
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/autograd/*.cpp") + _sources("csrc/cpu/*.cpp")
     # the C++ standard is the one torch asks for; -Wno-psabi: csrc/cpu/vectorize.h passes
     # 32-byte vectors between inlined functions, which GCC warns about for the SSE build;
     # -fno-math-errno: sqrt becomes one (vectorizable) instruction instead of a call that
@@ -63,7 +63,7 @@ setup(
     description="Fused, exact kernels for regularization and normalization layers (Triton, CUDA, C++)",
     python_requires=">=3.10",
     install_requires=["torch"],
-    packages=["fastreg", "fastreg.nn", "fastreg.optim", "fastreg.bench", "fastreg.triton_kernels"],
+    packages=["fastreg", "fastreg.nn", "fastreg.ops", "fastreg.optim", "fastreg.bench", "fastreg.triton_kernels"],
     package_dir={"fastreg.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -94,15 +94,32 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if any(backend_supports(name, d) for d in ("cuda", "cpu"))]
 
 
+# (forced backend, device type) -> (the backend's name, None) or (None, why it cannot run). What
+# decides it (installed packages, the extension, TRITON_INTERPRET read before triton's
+# import, CUDA's presence) does not change while the process runs.
+_choices: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+
+
+def _choose(forced: str, device_type: str) -> tuple[str | None, str | None]:
+    if forced != "auto":
+        reason = _why_not(forced, device_type)
+        if reason is not None:
+            return None, f"fastreg backend {forced!r} cannot run {device_type} tensors: {reason}"
+        return forced, None
+    for name in _AUTO_ORDER.get(device_type, ("torch",)):
+        if _why_not(name, device_type) is None:
+            return name, None
+    raise AssertionError("unreachable: the torch backend runs everywhere")
+
+
 @torch.compiler.assume_constant_result
 def choose_backend(device_type: str) -> str:
     """The backend for tensors on `device_type`: the forced one, or the auto order."""
-    if _forced != "auto":
-        reason = _why_not(_forced, device_type)
-        if reason is not None:
-            raise RuntimeError(f"fastreg backend {_forced!r} cannot run {device_type} tensors: {reason}")
-        return _forced
-    for name in _AUTO_ORDER.get(device_type, ("torch",)):
-        if _why_not(name, device_type) is None:
-            return name
-    raise AssertionError("unreachable: the torch backend runs everywhere")
+    key = (_forced, device_type)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _choose(*key)
+    name, reason = choice
+    if name is None:
+        raise RuntimeError(reason)
+    return name

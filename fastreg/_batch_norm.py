@@ -27,7 +27,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps, training, count, backend, reduce_sums):
-        y = BN_APPLY[backend](as_ncs(x), mean, var, weight, bias, eps).view(x.shape)
+        y = BN_APPLY[backend](as_ncs(x), mean, var, weight, bias, eps).view_as(x)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.training, ctx.count, ctx.backend, ctx.reduce_sums = eps, training, count, backend, reduce_sums
         ctx.has_bias = bias is not None
@@ -49,7 +49,7 @@ class _BatchNormFunction(torch.autograd.Function):
                     dy3, x3, mean, var, weight, ctx.eps, sum_dy, sum_dy_xhat, ctx.count)
             else:
                 grad_x = BN_BWD_APPLY[ctx.backend](dy3, x3, mean, var, weight, ctx.eps)
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view_as(x)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 

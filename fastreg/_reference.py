@@ -233,7 +233,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
 
 
 # ---------------------------------------------------------------- group_norm
-# x is (N, C, S) with any strides; statistics per (sample, group of D = C / groups
+# x is (N, C, *spatial) with any strides, taken as (N, C, S); statistics per (sample, group of D = C / groups
 # channels) over its D * S values, in float32 (float64 for float64 x). Outputs are
 # allocated with empty_like(x), as the kernels do.
 
@@ -243,8 +243,16 @@ def _per_group_channel(t, groups, channels):
     return t.repeat_interleave(channels // groups, dim=1)[:, :, None]
 
 
+def _as_ncs(t):
+    """(N, C, *spatial) -> (N, C, S), a view in either memory format where one exists."""
+    if t.dim() == 3:
+        return t
+    return t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
+
+
 def gn_fwd(x, weight, bias, groups, eps, silu):
     """(y, mean, rstd): y = silu?((x - mean) * rstd * weight + bias), two-pass statistics."""
+    shape, x = x.shape, _as_ncs(x)
     N, C, S = x.shape
     acc = _acc(x)
     values = x.to(acc).reshape(N, groups, -1)
@@ -257,13 +265,14 @@ def gn_fwd(x, weight, bias, groups, eps, silu):
         z = z + _per_channel(bias.to(acc))
     if silu:
         z = torch.nn.functional.silu(z)
-    return torch.empty_like(x).copy_(z), mean, rstd
+    return torch.empty_like(x).copy_(z).view(shape), mean, rstd
 
 
 def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
     """(dx, dweight, dbias) by the formulas of csrc/include/fastreg/gn_steps.h: with g the
     gradient reaching the pre-activation z, per (n, c) sum_g and sum_gxhat, then
     dx = rstd * w * g + k_x * (x - mean) + k_one per group."""
+    shape, x, dy = x.shape, _as_ncs(x), _as_ncs(dy)
     N, C, S = x.shape
     D = C // groups
     acc = _acc(x)
@@ -286,4 +295,4 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
     dx = g * r * _per_channel(w) + centered * _per_group_channel(k_x, groups, C) + _per_group_channel(k_one, groups, C)
     dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x).copy_(dx), dweight, dbias
+    return torch.empty_like(x).copy_(dx).view(shape), dweight, dbias

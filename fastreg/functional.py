@@ -9,9 +9,10 @@ import warnings
 
 import torch
 
-from fastreg import _batch_norm, _group_norm, _reference, _rng
+from fastreg import _batch_norm, _reference, _rng
 from fastreg._backend import choose_backend
 from fastreg.ops.dropout import DROPOUT, DROPOUT_
+from fastreg.ops.group_norm import GN_FWD
 from fastreg.ops.norm import NORM_FWD
 
 __all__ = [
@@ -168,16 +169,17 @@ def dropout_add(
 
 def _check_norm_args(x, normalized_shape, weight, bias, op):
     """torch's checks of layer_norm / rms_norm arguments, with torch's messages; returns the shape."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    _check_floating("input", x, op)
-    if len(shape) == 0 or tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+    shape = (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
+    if not x.is_floating_point():
+        _check_floating("input", x, op)
+    if not shape or x.shape[-len(shape):] != shape or x.dim() < len(shape):
         separator = ", " if op == "layer_norm" else ""
         raise RuntimeError(
             f"Given normalized_shape={list(shape)}, expected input with shape [*{separator}"
             f"{', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
         )
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and tuple(param.shape) != shape:
+        if param is not None and param.shape != shape:
             raise RuntimeError(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{list(param.shape)} and normalized_shape = {list(shape)}"
@@ -188,29 +190,32 @@ def _check_norm_args(x, normalized_shape, weight, bias, op):
 def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=False,
           prenorm=False, residual_in_fp32=False):
     """The norm over the trailing `shape` of x (of h = residual + dropout(x) when fused)."""
-    n = 1
-    for size in shape:
-        n *= size
-    rows = x.reshape(-1, n).contiguous()
-    residual_rows = residual.reshape(-1, n).contiguous() if residual is not None else None
+    n = shape[0] if len(shape) == 1 else math.prod(shape)
+    # as rows (no reshape of a 2-D x: in eager mode each view is one more autograd node);
+    # contiguous() returns a contiguous tensor itself
+    as_rows = x.dim() != 2 or len(shape) != 1
+    rows = x.reshape(-1, n).contiguous() if as_rows else x.contiguous()
+    if len(shape) > 1:
+        weight = weight.reshape(-1) if weight is not None else None
+        bias = bias.reshape(-1) if bias is not None else None
+    if residual is not None:
+        residual = residual.reshape(-1, n).contiguous() if as_rows else residual.contiguous()
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
     # h is written only when it is returned or backward will need it
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    norm_fwd = NORM_FWD[backend]
-    y, h, _, _ = norm_fwd(
-        rows,
-        weight.reshape(-1) if weight is not None else None,
-        bias.reshape(-1) if bias is not None else None,
-        float(eps), is_rms, residual_rows, seed, p if seed is not None else 0.0, residual_in_fp32,
-        prenorm or needs_grad,
-    )
-    y = y.view(x.shape)
+    store_h = prenorm or torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
+    y, h, _, _ = NORM_FWD[backend](rows, weight, bias, float(eps), is_rms, residual, seed,
+                                   p if seed is not None else 0.0, residual_in_fp32, store_h)
+    if as_rows:
+        y = y.view_as(x)
     if not prenorm:
         return y
     fused = residual is not None or seed is not None
-    return y, h.view(x.shape) if fused else x  # without residual or dropout, h is x
+    if not fused:
+        return y, x  # without residual or dropout, h is x
+    return y, h.view_as(x) if as_rows else h
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -311,7 +316,7 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     if activation not in _ACTIVATIONS:
         raise ValueError(f"fastreg.group_norm: activation must be one of {_ACTIVATIONS}, got {activation!r}")
     _check_group_norm_args(input, num_groups, weight, bias)
-    return _group_norm.group_norm(input, num_groups, weight, bias, eps, activation == "silu")[0]
+    return GN_FWD[choose_backend(input.device.type)](input, weight, bias, num_groups, eps, activation == "silu")[0]
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats: bool = True,
@@ -332,7 +337,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
             # torch's message, from the BatchNorm over (1, N * C, *) it runs, the parameters repeated N times
             raise RuntimeError(f"{name} should contain {batch * channels} elements not {param.numel() * batch}")
     _check_floating("input", input, "instance_norm")
-    y, mean, rstd = _group_norm.group_norm(input, channels, weight, bias, eps)
+    y, mean, rstd = GN_FWD[choose_backend(input.device.type)](input, weight, bias, channels, eps, False)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():  # torch's update: per-sample statistics averaged over the batch
             if running_mean is not None:

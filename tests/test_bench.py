@@ -72,3 +72,35 @@ def test_cpu_bench_interleaves_rounds_and_keeps_the_heap(tmp_path):
     for row in report["results"]:
         assert row["error"] is None and len(row["timing"]["raw_ms"]) >= 3
     assert ("malloc: glibc heap kept" in (tmp_path / "dropout-quick.md").read_text()) == glibc
+
+
+def test_host_mode_times_every_case_and_counts_launches(tmp_path, capsys):
+    """--host: one row per case with both libraries timed, launches counted on triton."""
+    from fastreg.bench import host
+
+    assert main(["--host", "--device", "cpu", "--min-time", "0.02", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "host.json").read_text())
+    assert [row["case"] for row in report["rows"]] == [case.name for case in host.CASES]
+    for row in report["rows"]:
+        assert row["fastreg_us"] > 0 and row["torch_us"] > 0
+        assert row["launches_fwd"] >= 1
+    assert "| call | fastreg (us) | torch (us) |" in capsys.readouterr().out
+
+
+def test_launch_counter_sees_triton_launches_and_torch_kernels_not_views():
+    """A dropout forward on triton is the seed draw and one kernel; its backward one kernel."""
+    import fastreg
+    from fastreg.bench import host
+
+    case = next(c for c in host.CASES if c.name.startswith("dropout fwd+bwd"))
+    with fastreg.use_backend("triton"):
+        fwd, bwd, fwd_counter, bwd_counter = host.launches(case, "cpu")
+    assert fwd_counter.triton_launches == ["_dropout_kernel"] and fwd_counter.torch_ops == ["aten.randint.low"]
+    assert (fwd, bwd) == (2, 1) and bwd_counter.triton_launches == ["_dropout_kernel"]
+    counter = host.LaunchCounter()
+    x = torch.randn(4, 4)
+    with counter:
+        x.view(16)
+        torch.empty(3)
+        x.add(1)
+    assert counter.torch_ops == ["aten.add.Tensor"]

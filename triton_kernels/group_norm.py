@@ -718,14 +718,22 @@ def _acc_param(param, acc):
     return param.to(acc).contiguous() if param is not None else None
 
 
+def _as_ncs(t):
+    """(N, C, *spatial) -> (N, C, S): a view in either memory format where one exists."""
+    if t.dim() == 3:
+        return t
+    return t.unsqueeze(2) if t.dim() == 2 else t.flatten(2)
+
+
 def gn_fwd(x, weight, bias, groups, eps, silu, splits=None):
-    """GroupNorm of x (N, C, S), any strides, optionally + SiLU.
+    """GroupNorm of x (N, C, *spatial) (taken as (N, C, S)), any strides, optionally + SiLU.
 
     weight, bias: (C,) or None. Returns (y, mean, rstd): y in x's dtype and layout
     (empty_like), mean and rstd (N, groups) in float32 (float64 for float64 x), what
     backward needs besides x. splits: force the number of pieces S is split into (tests;
     None: `_plan`'s choice)."""
-    x = _walkable(x)
+    shape = x.shape
+    x = _walkable(_as_ncs(x))
     N, C, S = x.shape
     D = C // groups
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -769,14 +777,15 @@ def gn_fwd(x, weight, bias, groups, eps, silu, splits=None):
                 x, y, w, b, mean, rstd, part_mean, part_m2, S, D, groups, pieces, per_split, eps, *x.stride(),
                 **flags, **tile,
             )
-    return y, mean, rstd
+    return y.view(shape), mean, rstd
 
 
 def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu, splits=None):
     """Gradients of gn_fwd: (dx in x's layout, dweight, dbias), the parameter gradients
     in the parameters' dtypes (empty where absent), summed over the samples in order from
     per-sample float32 partials (N, C): deterministic. splits: as in gn_fwd."""
-    x = _walkable(x)
+    shape = x.shape
+    x, dy = _walkable(_as_ncs(x)), _as_ncs(dy)
     if dy.dtype != x.dtype or dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
     N, C, S = x.shape
@@ -826,4 +835,4 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu, splits=None):
             )
     dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, dweight, dbias
+    return dx.view(shape), dweight, dbias

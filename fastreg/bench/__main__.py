@@ -1,12 +1,16 @@
-"""python -m fastreg.bench [OPS...] [--device cuda|cpu] [--dtype ...] [--quick] [--out DIR]"""
+"""python -m fastreg.bench [OPS...] [--device cuda|cpu] [--dtype ...] [--quick] [--out DIR]
+python -m fastreg.bench --host [--device cuda|cpu]   (host time and launches per call)"""
 
 import argparse
+import json
+import os
 import re
 import sys
 
 import torch
 
-from fastreg.bench import runner
+import fastreg
+from fastreg.bench import host, runner
 from fastreg.bench.ops import OP_GROUPS, OPS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,9 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--default-malloc", action="store_true",
                         help="on cpu, leave glibc's malloc settings alone (default: keep freed memory in the heap, "
                              "so that page faults of fresh outputs do not swamp the kernels' times)")
+    parser.add_argument("--host", action="store_true",
+                        help="time the host path of tiny calls against torch and count kernel launches per call "
+                             "(fastreg/bench/host.py) instead of the ops' bandwidth")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.host:
+        return _host(args)
 
     ops = [name for arg in args.ops or sorted(OPS) for name in OP_GROUPS.get(arg, [arg])]
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
@@ -46,6 +55,27 @@ def main(argv=None) -> int:
     paths = runner.write(rows, copy_gbps, env, vars(args), out, name)
     print(runner.markdown(rows, copy_gbps, env))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)
+    return 0
+
+
+def _host(args) -> int:
+    backend = args.backends[0] if args.backends else None
+    count_backend = "triton" if fastreg.backend_supports("triton", args.device) else None
+    if count_backend is None:
+        print("note: launches are counted on the triton backend, which cannot run here", file=sys.stderr)
+    rows = host.run(args.device, backend, args.min_time, args.rounds or 5, count_backend)
+    env = runner.environment(args.device)
+    env["threads"] = 1 if args.device == "cpu" else env["threads"]
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    out = args.out or f"bench/results/{slug}"
+    os.makedirs(out, exist_ok=True)
+    table = host.markdown(rows, env, backend, count_backend)
+    with open(os.path.join(out, "host.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "host.json"), "w") as f:
+        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1)
+    print(table)
+    print(f"wrote {out}/host.md, {out}/host.json", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,10 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 _LIB = torch.library.Library("fastreg", "IMPL") if _ext.loaded() else None
 
+# "fastreg::<op>_triton" -> its launcher, as registered below (the bench's launch counter
+# calls launchers directly to see what they run)
+TRITON_LAUNCHERS: dict = {}
+
 
 def _missing(name: str, backend: str):
     def fail(*args, **kwargs):
@@ -47,6 +51,7 @@ def register_triton(name: str, launcher, fake) -> None:
     if HAVE_TRITON:
         _LIB.impl(name, launcher, "CUDA")
         _LIB.impl(name, launcher, "CPU")
+        TRITON_LAUNCHERS[f"fastreg::{name}"] = launcher
 
 
 def register_fake(name: str, fake) -> None:

@@ -1,11 +1,12 @@
 """GroupNorm's two ops on the four backends (InstanceNorm is GroupNorm with one group per
 channel).
 
-gn_fwd(x, weight, bias, groups, eps, silu) -> (y, mean, rstd) over x (N, C, S) of any
-strides, y in x's layout, mean / rstd (N, groups) in float32 (float64 for float64 x).
+gn_fwd(x, weight, bias, groups, eps, silu) -> (y, mean, rstd) over x (N, C, *spatial) of
+any strides (taken as (N, C, S)), y in x's layout, mean / rstd (N, groups) in float32
+(float64 for float64 x).
 gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu) -> (dx, dweight, dbias).
-No autograd of their own: fastreg/_group_norm.py composes them in an autograd.Function.
-Saved for backward: x, weight, bias, mean, rstd; the SiLU pre-activation is recomputed.
+Autograd (csrc/autograd/group_norm.cpp, for the C++ op and its Triton twin) saves x,
+weight, bias, mean and rstd; the SiLU pre-activation is recomputed in gn_bwd.
 """
 
 import torch

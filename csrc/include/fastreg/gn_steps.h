@@ -2,7 +2,8 @@
 // GroupNorm (gn_fwd / gn_bwd of csrc/ops.cpp), shared by the CPU and CUDA kernels: argument
 // checks, the layout the kernels walk, output allocation, and the per-group formulas.
 //
-// x is (N, C, S), G groups of D = C / G channels, M = D * S values per (n, g):
+// x is (N, C, *spatial), taken as (N, C, S) (as_ncs below): G groups of D = C / G channels,
+// M = D * S values per (n, g):
 //   forward   z = (x - mean) * rstd * w[c] + b[c];  y = z, or silu(z) = z / (1 + exp(-z))
 //   backward  g = dy, or dy * silu'(z) with z recomputed from x; per (n, c)
 //               sum_g[n, c] = sum_s g,   sum_gxhat[n, c] = rstd * sum_s g * (x - mean)
@@ -46,7 +47,7 @@ FASTREG_HOST_DEVICE GroupDxCoefs<T> group_dx_coefs(T sum_wg, T sum_wgxhat, T rst
 
 inline void check_gn_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, int64_t groups, const char* op) {
-  TORCH_CHECK(x.dim() == 3, "fastreg::", op, ": 'x' must be 3-D (N, C, S), got ", x.dim(), "-D");
+  TORCH_CHECK(x.dim() >= 2, "fastreg::", op, ": 'x' must be (N, C, *), got a ", x.dim(), "-D tensor");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastreg::", op, ": expected a floating-point 'x'");
   TORCH_CHECK(groups > 0 && x.size(1) % groups == 0,
               "Expected number of channels in input to be divisible by num_groups, but got input of shape ",
@@ -70,7 +71,15 @@ struct GnInput {
   int64_t N, C, S, G, D;
 };
 
-inline GnInput gn_input(const at::Tensor& x_in, int64_t groups) {
+// x (N, C, *spatial) as (N, C, S): a view in either memory format (a copy only where the
+// spatial dims cannot be merged).
+inline at::Tensor as_ncs(const at::Tensor& x) {
+  if (x.dim() == 3) return x;
+  return x.dim() == 2 ? x.unsqueeze(2) : x.flatten(2);
+}
+
+inline GnInput gn_input(const at::Tensor& x_nd, int64_t groups) {
+  const at::Tensor x_in = as_ncs(x_nd);
   const int64_t C = x_in.size(1), S = x_in.size(2);
   const bool c_fast = x_in.stride(1) == 1 && C > 1 && (S == 1 || x_in.stride(2) != 1);
   const bool s_fast = x_in.stride(2) == 1 || S == 1;
@@ -86,14 +95,21 @@ inline GnInput gn_input(const at::Tensor& x_in, int64_t groups) {
   return in;
 }
 
-// out (computed in the layout of gn_input's x) in the layout empty_like(x_in) has.
-inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x_in) {
-  if (!x_in.is_non_overlapping_and_dense() || out.strides() == x_in.strides()) return out;
-  return at::empty_like(x_in).copy_(out);
+// out (N, C, S), computed in the layout of gn_input's x, with x_nd's shape, in the layout
+// empty_like(x_nd) has.
+inline at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x_nd) {
+  const at::Tensor x_in = as_ncs(x_nd);
+  if (x_in.is_non_overlapping_and_dense() && out.strides() != x_in.strides()) {
+    return at::empty_like(x_nd).copy_(out.view(x_nd.sizes()));
+  }
+  return out.view(x_nd.sizes());
 }
 
-// dy in x's dtype and strides (x from gn_input: dense), so one set of strides serves both.
-inline at::Tensor dy_like(const at::Tensor& dy, const at::Tensor& x) {
+// dy (x_nd's shape) as (N, C, S) in x's dtype and strides (x from gn_input: dense), so one
+// set of strides serves both.
+inline at::Tensor dy_like(const at::Tensor& dy_nd, const at::Tensor& x) {
+  TORCH_CHECK(dy_nd.dim() >= 2 && dy_nd.numel() == x.numel(), "fastreg::gn_bwd: 'dy' must have x's shape");
+  const at::Tensor dy = as_ncs(dy_nd);
   TORCH_CHECK(dy.sizes() == x.sizes(), "fastreg::gn_bwd: 'dy' must have x's shape");
   if (dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides()) return dy;
   return at::empty_like(x).copy_(dy);
