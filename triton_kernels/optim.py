@@ -338,9 +338,9 @@ def _increment_steps_kernel(
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < count
     if HAS_FOUND_INF:  # a skipped step is not counted
-        mask = mask & (tl.load(found_inf_ptr) == 0)
+        count = tl.where(tl.load(found_inf_ptr) == 0, count, 0)
+    mask = offs < count
     pointers = tl.load(steps_ptr + offs, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     tl.store(pointers, tl.load(pointers, mask=mask) + 1.0, mask=mask)
 

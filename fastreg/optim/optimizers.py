@@ -140,7 +140,23 @@ class _FastregStep:
             if torch.is_tensor(step) and (step.device != param.device or step.dtype != torch.float32):
                 p_state["step"] = step.to(param.device, torch.float32)
 
+    def state_dict(self):
+        """torch's state_dict; fastreg's group options only where they do something (l1 > 0,
+        a max_norm, master_weights), so an optimizer without them saves exactly what its
+        torch.optim class saves (torch.distributed.checkpoint then loads either into the other)."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key, inactive in _OPTION_DEFAULTS.items():
+                if key in group and group[key] == inactive:
+                    del group[key]
+        return state_dict
+
     def load_state_dict(self, state_dict):
+        # fastreg options a saved group does not state keep this optimizer's values for it
+        if len(state_dict["param_groups"]) == len(self.param_groups):  # else torch's error
+            options = [{key: group[key] for key in _OPTION_DEFAULTS} for group in self.param_groups]
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [{**own, **saved} for own, saved in zip(options, state_dict["param_groups"])]
         # torch casts every floating state entry to its param's dtype; float32 masters and
         # the float32 states of low-precision params must stay float32.
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
@@ -201,17 +217,18 @@ class _FastregStep:
         split_rows = None
         for p, grad, value, states, step in entries:
             split_dims = ()
+            has_master = value is not p
             if dtensor is not None and isinstance(p, dtensor):
                 if max_norm > 0:
                     split_dims = _distributed.row_splitting_mesh_dims(p)
                 grad = _distributed.local_grad(p, grad)
-                mesh, masters = p.device_mesh, value is not p
+                mesh = p.device_mesh
                 states = [s.to_local() for s in states]
                 p, value = p.to_local(), value.to_local()
                 if split_dims:
                     if split_rows is None:
                         split_rows = _distributed.SplitRows()
-                    split_rows.add(value, p if masters else None, mesh, split_dims)
+                    split_rows.add(value, p if has_master else None, mesh, split_dims)
             first_step = step is True
             key = (p.device, p.dtype, value.dtype, first_step, bool(split_dims))
             bucket = buckets.get(key)
@@ -221,7 +238,7 @@ class _FastregStep:
             bucket.grads.append(grad)
             for state_list, state in zip(bucket.states, states):
                 state_list.append(state)
-            if value is not p:
+            if has_master:
                 bucket.masters.append(value)
             if torch.is_tensor(step):
                 bucket.steps.append(step)
