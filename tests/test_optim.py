@@ -665,3 +665,167 @@ def test_optimizer_pickles_and_deep_copies():
         assert clone.param_groups[0]["l1"] == 1e-3 and clone.defaults["max_norm"] == 5.0
         clone.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
         assert clone.param_groups[-1]["l1"] == 1e-3
+
+
+# ---------------------------------------------------------------- state_dict options, capturable, host work
+
+
+def test_state_dict_states_only_active_fastreg_options():
+    """Without l1 / max_norm / master_weights the state_dict is torch's, key for key (so
+    torch.distributed.checkpoint loads either class into the other); a state_dict that does
+    not state an option leaves this optimizer's own value for that group."""
+    model = _mlp()
+    plain = fastreg.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, plain, 1)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert plain.state_dict()["param_groups"][0].keys() == theirs.state_dict()["param_groups"][0].keys()
+
+    groups = [{"params": model[0].parameters(), "l1": 1e-3, "max_norm": 2.0}, {"params": model[3].parameters()}]
+    ours = fastreg.optim.AdamW(groups, lr=1e-2)
+    saved = ours.state_dict()["param_groups"]
+    assert (saved[0]["l1"], saved[0]["max_norm"]) == (1e-3, 2.0) and "l1" not in saved[1]
+    torch_opt = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[3].parameters()}], lr=5e-3)
+    ours.load_state_dict(torch_opt.state_dict())
+    assert [(g["lr"], g["l1"], g["max_norm"]) for g in ours.param_groups] == [(5e-3, 1e-3, 2.0), (5e-3, 0.0, None)]
+
+
+def _torch_capturable_on_cpu(monkeypatch):
+    """torch.optim's capturable path (step counts and bias corrections as tensors on the
+    params' device) asserts a GPU-like device; let it run on CPU tensors."""
+    import importlib
+
+    adam_module = importlib.import_module("torch.optim.adam")  # torch.optim.adam is the function
+    monkeypatch.setattr(adam_module, "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scale-passed-to-kernel", "unscale_-then-step"])
+def test_capturable_follows_torch_s_capturable_with_a_skipped_step(step_backend, monkeypatch, unscale_first):
+    """capturable=True against torch.optim.AdamW(capturable=True) on the same CPU tensors,
+    with a GradScaler whose third step sees an inf: that step changes nothing (params,
+    states, step counts), and the others follow torch's (its bias corrections are float32
+    tensors, ours float64 scalars: float32 round-off)."""
+    _torch_capturable_on_cpu(monkeypatch)
+    device = step_backend[1]
+    results = []
+    for cls in (torch.optim.AdamW, fastreg.optim.AdamW):
+        model = _mlp(device)
+        opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, capturable=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        generator = torch.Generator().manual_seed(1)
+        steps = []
+        for step in range(4):
+            x = torch.randn(16, 12, generator=generator).to(device)
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            if step == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            steps.append([s["step"].item() for s in opt.state.values()])
+        results.append((model, opt, steps))
+    (theirs, torch_opt, torch_steps), (ours, our_opt, our_steps) = results
+    n = len(list(ours.parameters()))
+    assert our_steps == torch_steps == [[1.0] * n, [2.0] * n, [2.0] * n, [3.0] * n]
+    _assert_models_close(ours, theirs, rtol=1e-5)
+    for a, b in zip(our_opt.state.values(), torch_opt.state.values()):
+        assert a["step"].device == b["step"].device
+        _assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, what="exp_avg_sq")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (item(), bool(), float(),
+    and copies to the CPU of tensors on another device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst_device = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
+            if dst_device is not None and torch.device(dst_device).type == "cpu" and src.device.type != "cpu":
+                self.reads.append(func)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "SGD"])
+def test_a_step_reads_nothing_back_to_the_host(step_backend, monkeypatch, opt_name):
+    """With GradScaler's scale and inf flag set as it sets them, a step (after the first,
+    which creates the state) reads no tensor value on the host: no item(), bool(), tolist()
+    or copy to the CPU, so nothing waits for the device."""
+    device = step_backend[1]
+    model = _mlp(device)
+    kwargs = dict(lr=1e-2, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-2, weight_decay=0.1, capturable=True)
+    opt = getattr(fastreg.optim, opt_name)(model.parameters(), max_norm=1.0, l1=1e-4, **kwargs)
+    tolists = []
+    original_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolists.append(1) or original_tolist(self))
+    for step in range(3):
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).to(device)
+        opt.zero_grad()
+        (model(x).pow(2).mean() * 1024).backward()
+        opt.grad_scale = torch.tensor(1024.0, device=device)
+        opt.found_inf = torch.tensor(0.0, device=device)
+        if step == 0:
+            opt.step()
+            continue
+        tolists.clear()
+        with _HostReads() as mode:
+            opt.step()
+        assert mode.reads == [] and tolists == [], (mode.reads, len(tolists))
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_a_gpu_step_does_not_synchronize(backend_name):
+    model = _mlp("cuda")
+    opt = fastreg.optim.AdamW(model.parameters(), lr=1e-2, max_norm=1.0, capturable=True)
+    with fastreg.use_backend(backend_name):
+        for step in range(3):
+            opt.zero_grad()
+            (model(torch.randn(16, 12, device="cuda")).pow(2).mean() * 1024).backward()
+            opt.grad_scale = torch.tensor(1024.0, device="cuda")
+            opt.found_inf = torch.zeros((), device="cuda")
+            torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")  # the first step creates states
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def test_triton_plans_are_kept_per_tensor_set(monkeypatch):
+    """The Triton launcher builds its device table once per set of tensors: a second step
+    over the same tensors builds nothing; a param moved to new storage builds a new one
+    (and the step stays right)."""
+    if not hasattr(torch.ops.fastreg, "adam_step_triton_"):
+        pytest.skip("no Triton optimizer kernels")
+    skip_reason = fastreg._backend._why_not("triton", "cpu" if not torch.cuda.is_available() else "cuda")
+    if skip_reason:
+        pytest.skip(skip_reason)
+    from fastreg.triton_kernels import optim as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    builds = []
+    original = kernels._build_plan
+    monkeypatch.setattr(kernels, "_build_plan", lambda *a: builds.append(1) or original(*a))
+    ours, theirs = torch.nn.Parameter(torch.randn(40, device=device)), torch.nn.Parameter(torch.randn(40, device=device))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    our_opt = fastreg.optim.AdamW([ours], lr=1e-2)
+    torch_opt = torch.optim.AdamW([theirs], lr=1e-2)
+    grad = torch.randn(40, device=device)
+    with fastreg.use_backend("triton"):
+        for step in range(3):
+            ours.grad, theirs.grad = grad, grad.clone()
+            if step == 2:
+                ours.data = ours.data.clone()  # new storage: the cached table is stale
+            our_opt.step()
+            torch_opt.step()
+            _assert_close(ours, theirs)
+    assert len(builds) == 2

@@ -281,7 +281,8 @@ def _optim_case(case_id, **options):
                       HAS_WEIGHT_DECAY=False, DECOUPLED=False, HAS_MOMENTUM=False, NESTEROV=False, FIRST_STEP=False,
                       AMSGRAD=False, HAS_L1=False, PROJECT_ROWS=False, ALIGNED=True, BLOCK=optim.BLOCK_SIZE)
     constexprs.update(options)
-    signature = {"table_ptr": "*i64", "items_ptr": "*i64", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+    signature = {"table_ptr": "*i64", "items_ptr": "*i64", "grads_ptr": "*i64", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32"}
     signature.update({name: "fp64" for name in _FLOAT_ARGS})
     return triton_aot.Case(case_id, "fastreg.triton_kernels.optim", "_optimizer_step_kernel", signature, constexprs,
                            num_warps=optim.NUM_WARPS)

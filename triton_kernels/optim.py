@@ -6,9 +6,11 @@ Self-contained (imports only torch and triton): copy this file into your codebas
 One launch covers every tensor of a (param dtype, value dtype) group, not one launch per
 parameter. The launcher packs, in one int64 buffer on the device:
 
-    table     int64[tensors, 9]     data pointers of param, grad, state0..2, master, step; numel, row length
+    table     int64[tensors, 8]     data pointers of param, state0..2, master, step; numel, row length
     items     int64[programs, 3]    (tensor index, first element, elements or rows): one per program
     steps     int64[params]         data pointers of the step counts (Adam)
+
+and, in a buffer of their own, the grads' data pointers (int64[tensors] per launch),
 
 and the kernel casts the table's integers back to typed pointers
 (`tl.load(table + i).to(tl.pointer_type(dtype))`). Under the Triton interpreter (CPU
@@ -17,7 +19,9 @@ copying them, so the table's addresses are the tensors' real addresses.
 
 No host work per step beyond the launches: the buffer is built once per set of tensors
 (keyed by their addresses, shapes and dtypes: new or moved tensors build a new one) and
-kept; the float scalars are kernel arguments (float64); GradScaler's scale and inf flag,
+kept. Grads are often new tensors at each step (zero_grad(set_to_none=True)): their
+pointers are compared, and copied to the device only when they moved. The float scalars
+are kernel arguments (float64); GradScaler's scale and inf flag,
 and Adam's step counts, are read by the kernels on the device (a step with found_inf != 0
 changes nothing), and Adam's bias corrections 1 - beta^step are formed there in float64.
 So a step reads nothing back to the host and can be captured in a CUDA graph.
@@ -48,7 +52,7 @@ NUM_WARPS = 8
 ALIGN_BYTES = 16  # every pointer of a group aligned to this: vector loads (hinted to the compiler)
 PLAN_CACHE_SIZE = 64  # tensor sets whose device buffers are kept
 
-TABLE_WIDTH = tl.constexpr(9)  # param, grad, state0, state1, state2, master, step, numel, row length
+TABLE_WIDTH = tl.constexpr(8)  # param, state0, state1, state2, master, step, numel, row length
 ITEM_WIDTH = tl.constexpr(3)  # tensor index, first element, elements (or rows when projecting)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
@@ -182,8 +186,8 @@ def _f64(x):
 
 
 @triton.jit
-def _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm, momentum,
-                  one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+def _step_program(table_ptr, items_ptr, grads_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm,
+                  momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
                   decay_factor, PARAM_DTYPE: tl.constexpr, VALUE_DTYPE: tl.constexpr, ACC: tl.constexpr,
                   FP64: tl.constexpr, IS_ADAM: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                   MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
@@ -197,11 +201,11 @@ def _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_thr
     count = tl.load(item + 2)  # elements of this block, or rows when PROJECT_ROWS
     row = table_ptr + t * TABLE_WIDTH
     param_ptr = tl.load(row + 0).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_DTYPE))
-    state0_ptr = tl.load(row + 2).to(tl.pointer_type(VALUE_DTYPE))
-    state1_ptr = tl.load(row + 3).to(tl.pointer_type(VALUE_DTYPE))
-    state2_ptr = tl.load(row + 4).to(tl.pointer_type(VALUE_DTYPE))
-    master_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    grad_ptr = tl.load(grads_ptr + t).to(tl.pointer_type(PARAM_DTYPE))
+    state0_ptr = tl.load(row + 1).to(tl.pointer_type(VALUE_DTYPE))
+    state1_ptr = tl.load(row + 2).to(tl.pointer_type(VALUE_DTYPE))
+    state2_ptr = tl.load(row + 3).to(tl.pointer_type(VALUE_DTYPE))
+    master_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     if ALIGNED:  # the launcher checked every pointer of the group: lets the compiler vectorize
         param_ptr = tl.multiple_of(param_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -219,7 +223,7 @@ def _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_thr
     step_size = _f64(lr)
     bias_correction2_sqrt = _f64(1.0)
     if IS_ADAM:  # 1 - beta^step of this tensor's count (incremented by the launch before)
-        step = tl.load(tl.load(row + 6).to(tl.pointer_type(tl.float32))).to(tl.float64)
+        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32))).to(tl.float64)
         step_size = _f64(lr) / (1.0 - tl.exp(step * _f64(log_beta1)))
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * _f64(log_beta2)))
     inv_grad_scale = inv_grad_scale.to(ACC)
@@ -257,7 +261,7 @@ def _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_thr
                                True)
             _store_value(param_ptr, master_ptr, offs, w, mask, HAS_MASTER, True)
     else:
-        row_len = tl.load(row + 8)
+        row_len = tl.load(row + 7)
         bound = _f64(max_norm).to(ACC)
         for r in range(0, count):
             row_start = start + r * row_len
@@ -294,6 +298,7 @@ def _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_thr
 def _optimizer_step_kernel(
     table_ptr,  # int64 [tensors, TABLE_WIDTH]: pointers, numel, row length
     items_ptr,  # int64 [programs, ITEM_WIDTH]: (tensor index, first element, elements or rows)
+    grads_ptr,  # int64 [tensors]: the grads' data pointers
     grad_scale_ptr,  # float32 [1]: GradScaler's scale (HAS_GRAD_SCALE), else unused
     found_inf_ptr,  # float32 [1]: != 0 skips the step (HAS_FOUND_INF), else unused
     lr: tl.float64,
@@ -317,14 +322,14 @@ def _optimizer_step_kernel(
 ):
     if HAS_FOUND_INF:  # a step with inf/NaN gradients changes nothing
         if tl.load(found_inf_ptr) == 0:
-            _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm, momentum,
-                              one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+            _step_program(table_ptr, items_ptr, grads_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm,
+                              momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
                               decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER, HAS_GRAD_SCALE,
                               MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP, AMSGRAD,
                               HAS_L1, PROJECT_ROWS, ALIGNED, BLOCK)
     else:
-        _step_program(table_ptr, items_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm, momentum,
-                          one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
+        _step_program(table_ptr, items_ptr, grads_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm,
+                          momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
                           decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER, HAS_GRAD_SCALE,
                           MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP, AMSGRAD,
                           HAS_L1, PROJECT_ROWS, ALIGNED, BLOCK)
@@ -422,24 +427,44 @@ def _items(numels, row_lens, project_rows):
 
 
 class _Plan:
-    """The device buffer of one set of tensors: per launch (param dtype, value dtype,
-    projected, aligned, table, items), and the step counts' pointers."""
+    """The device buffers of one set of tensors: per launch (param dtype, value dtype,
+    projected, table, items, item count, grads view, aligned), the step counts' pointers,
+    and the grads' pointers last copied."""
 
-    __slots__ = ("buffer", "host_buffer", "launches", "steps", "step_count", "captured")
+    __slots__ = ("buffer", "host_buffer", "launches", "steps", "step_count", "grad_order", "grad_ptrs",
+                 "grad_buffers", "aligned", "captured", "device")
 
-    def __init__(self, buffer, host_buffer, launches, steps, step_count):
-        self.buffer, self.host_buffer, self.launches = buffer, host_buffer, launches
-        self.steps, self.step_count = steps, step_count
-        self.captured = False
+    def __init__(self, device):
+        self.device, self.captured, self.grad_ptrs, self.grad_buffers = device, False, None, []
+
+    def set_grads(self, grad_ptrs):
+        """The grads' pointers to the device (one small copy), when they moved since the last step."""
+        ordered = [grad_ptrs[i] for i in self.grad_order]
+        host = torch.tensor(ordered, dtype=torch.int64)
+        if self.device.type == "cpu":
+            buffer = host
+        else:
+            host = host.pin_memory()
+            buffer = host.to(self.device, non_blocking=True)
+        # a CUDA graph captured over the old buffers reads them again at each replay
+        self.grad_buffers = (self.grad_buffers if self.captured else []) + [(host, buffer)]
+        launches, offset = [], 0
+        for param_dtype, value_dtype, projected, table, items, item_count, _, static_aligned, count in self.launches:
+            grads = buffer[offset:offset + count]
+            aligned = static_aligned and all(p % ALIGN_BYTES == 0 for p in ordered[offset:offset + count])
+            launches.append((param_dtype, value_dtype, projected, table, items, item_count, grads, aligned, count))
+            offset += count
+        self.launches, self.grad_ptrs = launches, grad_ptrs
 
 
 _PLANS = collections.OrderedDict()  # key -> _Plan, least recently used first
 
 
-def _build_plan(params, grads, state_lists, masters, steps, project):
+def _build_plan(params, state_lists, masters, steps, project):
     """Groups the tensors by (param dtype, value dtype) and by projection and packs pointer
     tables, work items and step pointers into one buffer, copied to the device once."""
     device = params[0].device
+    plan = _Plan(device)
     groups = {}
     for i, param in enumerate(params):
         if param.numel() == 0:
@@ -452,17 +477,20 @@ def _build_plan(params, grads, state_lists, masters, steps, project):
         return tensors[i].data_ptr() if tensors else 0
 
     pieces, launches, offset = [], [], 0
+    plan.grad_order = []
     for (param_dtype, value_dtype, projected), indices in groups.items():
         rows = []
         for i in indices:
-            pointers = [params[i].data_ptr(), grads[i].data_ptr()]
-            pointers += [pointer(states, i) for states in state_lists] + [pointer(masters, i), pointer(steps, i)]
+            pointers = [params[i].data_ptr()] + [pointer(states, i) for states in state_lists]
+            pointers += [pointer(masters, i), pointer(steps, i)]
             row_len = params[i].numel() // params[i].shape[0] if projected else 1
             rows.append(pointers + [params[i].numel(), row_len])
         table = torch.tensor(rows, dtype=torch.int64)
-        aligned = not projected and bool((table[:, :6] % ALIGN_BYTES == 0).all())
-        items = _items(table[:, 7].tolist(), table[:, 8].tolist(), projected)
-        launches.append((param_dtype, value_dtype, projected, aligned, offset, table.numel(), len(items)))
+        aligned = not projected and bool((table[:, :5] % ALIGN_BYTES == 0).all())
+        items = _items(table[:, 6].tolist(), table[:, 7].tolist(), projected)
+        launches.append((param_dtype, value_dtype, projected, offset, table.numel(), len(items), aligned,
+                         len(indices)))
+        plan.grad_order += indices
         pieces += [table.flatten(), items.flatten()]
         offset += table.numel() + items.numel()
     step_offset = offset
@@ -474,31 +502,34 @@ def _build_plan(params, grads, state_lists, masters, steps, project):
     else:  # kept with the plan: a copy captured in a CUDA graph reads it again at each replay
         host = host.pin_memory()
         buffer = host.to(device, non_blocking=True)
-    launch_views = [(pd, vd, pr, al, buffer[o:o + n], buffer[o + n:o + n + 3 * k], k)
-                    for pd, vd, pr, al, o, n, k in launches]
-    return _Plan(buffer, host, launch_views, buffer[step_offset:step_offset + len(steps or [])], len(steps or []))
+    plan.buffer, plan.host_buffer = buffer, host
+    plan.launches = [(pd, vd, pr, buffer[o:o + n], buffer[o + n:o + n + 3 * k], k, None, al, count)
+                     for pd, vd, pr, o, n, k, al, count in launches]
+    plan.steps, plan.step_count = buffer[step_offset:step_offset + len(steps or [])], len(steps or [])
+    return plan
 
 
 def _plan(params, grads, state_lists, state_names, masters, steps, project):
     """The plan of these tensors: cached while their addresses, shapes and dtypes stay (a
-    dict lookup per step); built, after checking the arguments, when they change."""
+    dict lookup per step), the grads' pointers refreshed when they moved; built, after
+    checking the arguments, when anything else changes."""
     flat = list(params)
-    flat += grads
     for states in state_lists:
         flat += states
     flat += masters
     if steps is not None:
         flat += steps
     states_spec = list(zip(state_names, state_lists, state_names.required))
-    if not all(map(torch.Tensor.is_contiguous, flat)):  # raises the error naming the tensor
-        _check_args(params, grads, states_spec, masters, steps)
-    key = (params[0].device, project, tuple(map(len, state_lists)), len(masters),
+    if not all(map(torch.Tensor.is_contiguous, flat)) or not all(map(torch.Tensor.is_contiguous, grads)):
+        _check_args(params, grads, states_spec, masters, steps)  # raises, naming the tensor
+    key = (params[0].device, project, tuple(map(len, state_lists)), len(masters), len(grads),
            tuple(map(torch.Tensor.data_ptr, flat)), tuple(map(attrgetter("shape"), flat)),
-           tuple(map(attrgetter("dtype"), flat)))
+           tuple(map(attrgetter("dtype"), flat)), tuple(map(attrgetter("shape"), grads)),
+           tuple(map(attrgetter("dtype"), grads)), tuple(map(attrgetter("device"), grads)))
     plan = _PLANS.get(key)
     if plan is None:
         _check_args(params, grads, states_spec, masters, steps)
-        plan = _PLANS[key] = _build_plan(params, grads, state_lists, masters, steps, project)
+        plan = _PLANS[key] = _build_plan(params, state_lists, masters, steps, project)
         # evict the least recently used plan, unless a CUDA graph captured it
         for old_key in list(_PLANS)[:max(0, len(_PLANS) - PLAN_CACHE_SIZE)]:
             if not _PLANS[old_key].captured:
@@ -507,6 +538,9 @@ def _plan(params, grads, state_lists, state_names, masters, steps, project):
         _PLANS.move_to_end(key)
     if params[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         plan.captured = True
+    grad_ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+    if grad_ptrs != plan.grad_ptrs:
+        plan.set_grads(grad_ptrs)
     return plan
 
 
@@ -525,9 +559,9 @@ def _launch(plan, scalars, flags, grad_scale, found_inf, masters):
     if plan.step_count:
         _increment_steps_kernel[(triton.cdiv(plan.step_count, STEPS_BLOCK_SIZE),)](
             plan.steps, plan.step_count, found_inf, HAS_FOUND_INF=has_inf, BLOCK=STEPS_BLOCK_SIZE)
-    for param_dtype, value_dtype, projected, aligned, table, items, item_count in plan.launches:
+    for param_dtype, value_dtype, projected, table, items, item_count, grads, aligned, _ in plan.launches:
         _optimizer_step_kernel[(item_count,)](
-            table, items, grad_scale, found_inf, *map(float, scalars),
+            table, items, grads, grad_scale, found_inf, *map(float, scalars),
             PARAM_DTYPE=_TL_DTYPE[param_dtype], VALUE_DTYPE=_TL_DTYPE[value_dtype],
             ACC=tl.float64 if value_dtype == torch.float64 else tl.float32, FP64=value_dtype == torch.float64,
             HAS_MASTER=bool(masters), HAS_GRAD_SCALE=has_scale, HAS_FOUND_INF=has_inf, PROJECT_ROWS=projected,

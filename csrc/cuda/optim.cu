@@ -9,7 +9,8 @@
 // (a kernel-argument struct would hold only a few dozen).
 //
 // No host work per step beyond the launches: the device buffer is kept per set of tensors
-// (keyed by their addresses, sizes and dtypes; new or moved tensors build a new one), the
+// (keyed by their addresses, sizes and dtypes; new or moved tensors build a new one; the
+// grads' pointers, often new at each step, are copied alone when they moved), the
 // step counts (Adam), GradScaler's scale and its inf flag are read by the kernels on the
 // device (found_inf != 0 changes nothing), and the bias corrections 1 - beta^step are formed
 // there per tensor in double. A step reads nothing back to the host, so it can be captured
@@ -55,7 +56,6 @@ constexpr int64_t kRowElements = 2048;           // about this many elements of 
 // One tensor's slice of the device table; the pointers' element types are the group's.
 struct TensorSlot {
   void* param;
-  const void* grad;
   void* state0;  // SGD: momentum buffer; Adam: exp_avg (nullptr: unused)
   void* state1;  // Adam: exp_avg_sq
   void* state2;  // Adam: max_exp_avg_sq (amsgrad)
@@ -64,7 +64,7 @@ struct TensorSlot {
   int64_t numel;
   int64_t row_len;        // projected tensors: elements per row (dim 0)
   int32_t rows_per_item;  // projected tensors: rows per block
-  int32_t vectorized;     // every pointer aligned to a kVec-element vector
+  int32_t vectorized;     // every pointer but the grad's aligned to a kVec-element vector
 };
 
 struct WorkItem {
@@ -199,9 +199,9 @@ struct TypedSlot {
   value_t* state2;
   bool has_master;
 
-  __device__ explicit TypedSlot(const TensorSlot& slot)
+  __device__ TypedSlot(const TensorSlot& slot, const void* grad_pointer)
       : param(static_cast<param_t*>(slot.param)),
-        grad(static_cast<const param_t*>(slot.grad)),
+        grad(static_cast<const param_t*>(grad_pointer)),
         value(slot.master != nullptr ? reinterpret_cast<value_t*>(slot.master) : static_cast<value_t*>(slot.param)),
         state0(static_cast<value_t*>(slot.state0)),
         state1(static_cast<value_t*>(slot.state1)),
@@ -307,19 +307,21 @@ __global__ void increment_steps_kernel(float* const* __restrict__ steps, int64_t
 // Block b updates chunk items[b].index (kChunk elements) of tensor items[b].tensor.
 template <bool kAdam, typename param_t, typename value_t>
 __global__ void __launch_bounds__(kThreads)
-    elementwise_step_kernel(const TensorSlot* __restrict__ slots, const WorkItem* __restrict__ items,
+    elementwise_step_kernel(const TensorSlot* __restrict__ slots, const void* const* __restrict__ grads,
+                            const WorkItem* __restrict__ items,
                             const StepScalars<at::opmath_type<value_t>> call_scalars, const AmpScalars amp) {
   using acc_t = at::opmath_type<value_t>;
   if (amp.found_inf != nullptr && *amp.found_inf != 0.0f) return;  // a skipped step changes nothing
   const WorkItem item = items[blockIdx.x];
   const TensorSlot& slot = slots[item.tensor];
   const StepScalars<acc_t> s = block_scalars<kAdam>(call_scalars, slot, amp);
-  const TypedSlot<param_t, value_t> t(slot);
+  const TypedSlot<param_t, value_t> t(slot, grads[item.tensor]);
+  const bool vectorized = slot.vectorized && reinterpret_cast<uintptr_t>(t.grad) % (kVec * sizeof(param_t)) == 0;
   const int64_t begin = static_cast<int64_t>(item.index) * kChunk;
   const int64_t end = ::min(begin + kChunk, slot.numel);
   // begin is a multiple of kVec: with aligned pointers every vector below is aligned
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < end; i += kThreads * kVec) {
-    if (slot.vectorized && i + kVec <= end) {
+    if (vectorized && i + kVec <= end) {
       step_vector_at<kAdam>(t, i, s);
     } else {
       for (int64_t k = i; k < ::min(i + kVec, end); ++k) step_at<kAdam>(t, k, s);
@@ -351,7 +353,8 @@ __device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* partials) {
 // between the write and the rescale beyond the reduction's.
 template <bool kAdam, typename param_t, typename value_t>
 __global__ void __launch_bounds__(kThreads)
-    row_projected_step_kernel(const TensorSlot* __restrict__ slots, const WorkItem* __restrict__ items,
+    row_projected_step_kernel(const TensorSlot* __restrict__ slots, const void* const* __restrict__ grads,
+                              const WorkItem* __restrict__ items,
                               const StepScalars<at::opmath_type<value_t>> call_scalars, const AmpScalars amp) {
   using acc_t = at::opmath_type<value_t>;
   __shared__ acc_t partials[kThreads / 32];
@@ -359,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
   const WorkItem item = items[blockIdx.x];
   const TensorSlot& slot = slots[item.tensor];
   const StepScalars<acc_t> s = block_scalars<kAdam>(call_scalars, slot, amp);
-  const TypedSlot<param_t, value_t> t(slot);
+  const TypedSlot<param_t, value_t> t(slot, grads[item.tensor]);
   const int64_t row_len = slot.row_len;
   const int64_t rows = slot.numel / row_len;
   const int64_t first_row = static_cast<int64_t>(item.index) * slot.rows_per_item;
@@ -470,6 +473,7 @@ struct Group {
   bool projected = false;
   std::vector<size_t> tensors;
   size_t slots_offset = 0, items_offset = 0;  // bytes into the packed buffer
+  size_t grads_offset = 0;                    // index of its first grad pointer in the grads' buffer
   int64_t item_count = 0;
 };
 
@@ -481,10 +485,35 @@ struct Plan {
   size_t steps_offset = 0;
   int64_t step_count = 0;
   bool captured = false;  // used under CUDA graph capture: never evicted
+  // The grads' pointers (often new tensors at each step: zero_grad(set_to_none=True)),
+  // group by group, copied to the device only when they moved.
+  std::vector<const void*> grad_pointers;
+  std::vector<std::pair<at::Tensor, at::Tensor>> grad_buffers;  // (pinned host, device); old ones kept once captured
+
+  const void* const* device_grads() const {
+    return reinterpret_cast<const void* const*>(grad_buffers.back().second.const_data_ptr<uint8_t>());
+  }
+
+  void set_grads(at::TensorList grads, const at::Device& device) {
+    std::vector<const void*> pointers;
+    for (const Group& group : groups) {
+      for (const size_t i : group.tensors) pointers.push_back(grads[i].data_ptr());
+    }
+    if (!grad_buffers.empty() && pointers == grad_pointers) return;
+    const auto bytes = static_cast<int64_t>(std::max<size_t>(pointers.size(), 1) * sizeof(void*));
+    at::Tensor host_buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host_buffer.mutable_data_ptr<uint8_t>(), pointers.data(), pointers.size() * sizeof(void*));
+    at::Tensor device_buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+    device_buffer.copy_(host_buffer, /*non_blocking=*/true);
+    if (!captured) grad_buffers.clear();
+    grad_buffers.emplace_back(host_buffer, device_buffer);
+    grad_pointers = std::move(pointers);
+  }
 };
 
-// What a plan depends on: the device, the projection, and every tensor's address, sizes
-// and dtype (the checks above ran on this call's tensors, so equal keys mean equal plans).
+// What a plan depends on: the device, the projection, and the address, sizes and dtype of
+// every tensor but the grads (the checks above ran on this call's tensors, grads included,
+// so equal keys mean equal plans; the grads' pointers are the plan's to refresh).
 using PlanKey = std::vector<int64_t>;
 
 PlanKey plan_key(const std::vector<at::TensorList>& lists, bool project, const at::Device& device) {
@@ -504,9 +533,8 @@ PlanKey plan_key(const std::vector<at::TensorList>& lists, bool project, const a
 
 constexpr size_t kPlanCacheSize = 64;
 
-std::shared_ptr<Plan> build_plan(at::TensorList params, at::TensorList grads, at::TensorList state0,
-                                 at::TensorList state1, at::TensorList state2, at::TensorList masters,
-                                 at::TensorList steps, bool project) {
+std::shared_ptr<Plan> build_plan(at::TensorList params, at::TensorList state0, at::TensorList state1,
+                                 at::TensorList state2, at::TensorList masters, at::TensorList steps, bool project) {
   auto plan = std::make_shared<Plan>();
   std::map<std::tuple<at::ScalarType, at::ScalarType, bool>, size_t> group_of;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -527,8 +555,10 @@ std::shared_ptr<Plan> build_plan(at::TensorList params, at::TensorList grads, at
   }
 
   // Sizes first: per group, its slots then its work items (both 8-byte aligned), then steps.
-  size_t bytes = 0;
+  size_t bytes = 0, grads = 0;
   for (Group& group : plan->groups) {
+    group.grads_offset = grads;
+    grads += group.tensors.size();
     group.slots_offset = bytes;
     bytes += group.tensors.size() * sizeof(TensorSlot);
     group.items_offset = bytes;
@@ -566,7 +596,6 @@ std::shared_ptr<Plan> build_plan(at::TensorList params, at::TensorList grads, at
       const size_t i = group.tensors[k];
       TensorSlot slot{};
       slot.param = params[i].data_ptr();
-      slot.grad = grads[i].data_ptr();
       slot.state0 = pointer_or_null(state0, i);
       slot.state1 = pointer_or_null(state1, i);
       slot.state2 = pointer_or_null(state2, i);
@@ -577,8 +606,7 @@ std::shared_ptr<Plan> build_plan(at::TensorList params, at::TensorList grads, at
       slot.rows_per_item =
           group.projected ? static_cast<int32_t>(std::max<int64_t>(1, kRowElements / slot.row_len)) : 0;
       // vector accesses when every pointer is aligned to kVec of its own elements
-      bool vectorized = aligned_to(slot.param, kVec * params[i].element_size()) &&
-                        aligned_to(slot.grad, kVec * grads[i].element_size());
+      bool vectorized = aligned_to(slot.param, kVec * params[i].element_size());
       const size_t value_size = masters.empty() ? params[i].element_size() : sizeof(float);
       for (const void* state : {static_cast<const void*>(slot.state0), static_cast<const void*>(slot.state1),
                                 static_cast<const void*>(slot.state2), static_cast<const void*>(slot.master)}) {
@@ -608,18 +636,20 @@ std::shared_ptr<Plan> plan_for(at::TensorList params, at::TensorList grads, at::
                                at::TensorList steps, bool project) {
   static std::mutex mutex;
   static std::list<std::pair<PlanKey, std::shared_ptr<Plan>>> plans;  // most recently used first
-  PlanKey key = plan_key({params, grads, state0, state1, state2, masters, steps}, project, params[0].device());
+  PlanKey key = plan_key({params, state0, state1, state2, masters, steps}, project, params[0].device());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const std::lock_guard<std::mutex> lock(mutex);
   for (auto it = plans.begin(); it != plans.end(); ++it) {
     if (it->first == key) {
       plans.splice(plans.begin(), plans, it);
       it->second->captured = it->second->captured || capturing;
+      it->second->set_grads(grads, params[0].device());
       return it->second;
     }
   }
-  auto plan = build_plan(params, grads, state0, state1, state2, masters, steps, project);
+  auto plan = build_plan(params, state0, state1, state2, masters, steps, project);
   plan->captured = capturing;
+  plan->set_grads(grads, params[0].device());
   plans.emplace_front(std::move(key), plan);
   if (plans.size() > kPlanCacheSize) {
     for (auto it = std::prev(plans.end()); it != plans.begin(); --it) {
@@ -633,17 +663,19 @@ std::shared_ptr<Plan> plan_for(at::TensorList params, at::TensorList grads, at::
 }
 
 template <bool kAdam, typename param_t, typename value_t>
-void launch_group(const Group& group, const uint8_t* device_base, const StepOptions& options, AmpScalars amp,
-                  cudaStream_t stream) {
+void launch_group(const Group& group, const uint8_t* device_base, const void* const* device_grads,
+                  const StepOptions& options, AmpScalars amp, cudaStream_t stream) {
   using acc_t = at::opmath_type<value_t>;
   const auto* slots = reinterpret_cast<const TensorSlot*>(device_base + group.slots_offset);
+  const void* const* grads = device_grads + group.grads_offset;
   const auto* items = reinterpret_cast<const WorkItem*>(device_base + group.items_offset);
   const StepScalars<acc_t> scalars = to_scalars<acc_t>(options);
   const auto blocks = static_cast<unsigned>(group.item_count);
   if (group.projected) {
-    row_projected_step_kernel<kAdam, param_t, value_t><<<blocks, kThreads, 0, stream>>>(slots, items, scalars, amp);
+    row_projected_step_kernel<kAdam, param_t, value_t>
+        <<<blocks, kThreads, 0, stream>>>(slots, grads, items, scalars, amp);
   } else {
-    elementwise_step_kernel<kAdam, param_t, value_t><<<blocks, kThreads, 0, stream>>>(slots, items, scalars, amp);
+    elementwise_step_kernel<kAdam, param_t, value_t><<<blocks, kThreads, 0, stream>>>(slots, grads, items, scalars, amp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -657,6 +689,7 @@ void multi_tensor_step(at::TensorList params, at::TensorList grads, at::TensorLi
   const std::shared_ptr<Plan> plan =
       plan_for(params, grads, state0, state1, state2, masters, steps, options.max_norm > 0);
   const uint8_t* device_base = plan->device.const_data_ptr<uint8_t>();
+  const void* const* device_grads = plan->device_grads();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (plan->step_count > 0) {  // the counts first: the step launches read them
     constexpr int kStepThreads = 128;
@@ -668,10 +701,10 @@ void multi_tensor_step(at::TensorList params, at::TensorList grads, at::TensorLi
   for (const Group& group : plan->groups) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.param_dtype, "fastreg_optimizer_step_cuda", [&] {
       if (group.value_dtype == group.param_dtype) {
-        launch_group<kAdam, scalar_t, scalar_t>(group, device_base, options, amp, stream);
+        launch_group<kAdam, scalar_t, scalar_t>(group, device_base, device_grads, options, amp, stream);
       } else {
         TORCH_CHECK(group.value_dtype == at::kFloat, "fastreg optimizer step: masters must be float32");
-        launch_group<kAdam, scalar_t, float>(group, device_base, options, amp, stream);
+        launch_group<kAdam, scalar_t, float>(group, device_base, device_grads, options, amp, stream);
       }
     });
   }
