@@ -173,7 +173,13 @@ template <typename param_t, typename value_t, typename Update>
 void run_steps(const StepTensors<param_t, value_t>& s, const Regularizers<acc_type<value_t>>& r,
                const std::vector<WorkItem>& items, Update update) {
   using acc_t = acc_type<value_t>;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+  // Threads only for work that outweighs waking them: at least GRAIN_SIZE elements each (a
+  // step over a few small tensors runs on the calling thread, as torch's fused step does).
+  int64_t elements = 0;
+  for (const WorkItem& item : items) elements += item.end - item.begin;
+  const auto count = static_cast<int64_t>(items.size());
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE * count / std::max<int64_t>(elements, 1));
+  at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> scratch;
     for (int64_t k = first; k < last; ++k) {
       const WorkItem& item = items[k];
