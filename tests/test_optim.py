@@ -829,3 +829,28 @@ def test_triton_plans_are_kept_per_tensor_set(monkeypatch):
             torch_opt.step()
             _assert_close(ours, theirs)
     assert len(builds) == 2
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("poison_step", [0, 1])
+def test_sgd_momentum_with_a_skipped_first_step_follows_torch(dampening, poison_step):
+    """A GradScaler step with inf grads skipped as the very first step: the momentum buffers
+    start with the next step, as in torch (whose GradScaler never calls the step)."""
+    results = []
+    for cls in (torch.optim.SGD, fastreg.optim.SGD):
+        model = _mlp()
+        opt = cls(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(16, 12, generator=generator)).pow(2).mean()).backward()
+            if step == poison_step:
+                model[0].weight.grad[0, 0] = float("nan")
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt))
+    (theirs, torch_opt), (ours, our_opt) = results
+    _assert_models_close(ours, theirs)
+    for a, b in zip(our_opt.state.values(), torch_opt.state.values()):
+        _assert_close(a["momentum_buffer"], b["momentum_buffer"], what="momentum_buffer")
