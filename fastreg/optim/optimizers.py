@@ -67,7 +67,7 @@ def _contiguous_lists(*lists):
 def _projected_max_norm(group):
     """The max_norm the kernels apply: none with lr == 0, so that a step with lr = 0 changes no
     weight (torch.distributed.checkpoint creates optimizer states with such a step)."""
-    return float(group["max_norm"] or 0.0) if group["lr"] != 0 else 0.0
+    return float(group["max_norm"] or 0.0) if float(group["lr"]) != 0 else 0.0
 
 
 class _AmpScaling:
@@ -85,8 +85,9 @@ class _AmpScaling:
             return None, None
         pair = self._on_device.get(device)
         if pair is None:
+            # a copy to the CPU waits: the CPU kernel reads the values as soon as it runs
             pair = self._on_device[device] = tuple(
-                None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
+                None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu")
                 for t in (self.grad_scale, self.found_inf))
         return pair
 
@@ -209,9 +210,10 @@ class _FastregStep:
 
     def _step_group(self, group, amp, dtensor, entries, call):
         """Buckets `entries` ((p, grad, value, states, step count or SGD's first-step flag) per
-        param with a grad) by (device, dtype, value dtype, first step) on local tensors and calls `call(bucket, max_norm, grad_scale,
-        found_inf)` once per bucket. DTensor params whose rows are split across ranks go to
-        buckets of their own, stepped without the projection, which SplitRows applies."""
+        param with a grad) by (device, dtype, value dtype, first step) on local tensors and
+        calls `call(bucket, max_norm, grad_scale, found_inf)` once per bucket. DTensor params
+        whose rows are split across ranks go to buckets of their own, stepped without the
+        projection, which SplitRows applies after."""
         max_norm = _projected_max_norm(group)
         buckets = {}
         split_rows = None
