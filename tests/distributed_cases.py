@@ -231,11 +231,16 @@ def _block(dtype=torch.float32, device="cpu"):
 def modules_match_one_process(backend, layout, steps=3):
     """fastreg's modules (fastreg.convert) under FSDP2 or DDP, against torch's modules on one
     process over the whole batch, both stepped by torch.optim.AdamW. Returns (relative
-    errors, the fastreg classes the model ran with)."""
+    errors, the fastreg classes the model ran with, the (input, weight) types the norms
+    received in forward)."""
     device = device_of_rank(backend)
     reference, model = _block(device=device), _block(device=device)
     fastreg.convert(model, verbose=False)
     classes = sorted({type(m).__module__ + "." + type(m).__name__ for m in model if "fastreg" in type(m).__module__})
+    arrived = set()  # what the norms see in forward: FSDP2 all-gathers their params first
+    for norm in (model[1], model[5]):
+        norm.register_forward_pre_hook(
+            lambda module, args: arrived.add((type(args[0]).__name__, type(module.weight).__name__)))
     batches = _batches(steps, device, torch.float32)
     _train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), batches)
     if layout == "fsdp":
@@ -249,7 +254,7 @@ def modules_match_one_process(backend, layout, steps=3):
     share, rank = BATCH // dist.get_world_size(), dist.get_rank()
     _train(wrapped, torch.optim.AdamW(model.parameters(), lr=1e-2),
            [x[share * rank:share * (rank + 1)] for x in batches])
-    return _relative_errors(model, reference), classes
+    return _relative_errors(model, reference), classes, sorted(arrived)
 
 
 __all__ = ["all_reduces_per_step", "checkpoint_round_trip", "modules_match_one_process",
