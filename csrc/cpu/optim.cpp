@@ -7,6 +7,10 @@
 //
 // The L1 prox and the max-norm projection run in the same pass: a max-norm work item owns
 // whole rows, updates a row, then takes its norm and rescales it while it is in cache.
+//
+// GradScaler's scale and inf flag and Adam's step counts are CPU scalars read here: a set
+// inf flag returns before anything is written; the counts are incremented and each
+// tensor's bias corrections formed in double as torch.optim forms them in Python.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
