@@ -135,9 +135,10 @@ def test_ddp_steps_match_one_process(backend):
 
 # ---------------------------------------------------------------- checkpoints
 
+ADAMW = dict(lr=1e-2, weight_decay=0.1)
 CHECKPOINT_CASES = {
-    "fastreg->torch": ("fastreg.AdamW", dict(lr=1e-2, weight_decay=0.1), "torch.AdamW", dict(lr=1e-2, weight_decay=0.1)),
-    "torch->fastreg": ("torch.AdamW", dict(lr=1e-2, weight_decay=0.1), "fastreg.AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    "fastreg->torch": ("fastreg.AdamW", ADAMW, "torch.AdamW", ADAMW),
+    "torch->fastreg": ("torch.AdamW", ADAMW, "fastreg.AdamW", ADAMW),
     "SGD fastreg->torch": ("fastreg.SGD", dict(lr=0.1, momentum=0.9), "torch.SGD", dict(lr=0.1, momentum=0.9)),
     "fastreg->fastreg max_norm": ("fastreg.AdamW", dict(lr=1e-2, max_norm=0.5), "fastreg.AdamW",
                                   dict(lr=1e-2, max_norm=0.5)),

@@ -814,9 +814,8 @@ def test_triton_plans_are_kept_per_tensor_set(monkeypatch):
     builds = []
     original = kernels._build_plan
     monkeypatch.setattr(kernels, "_build_plan", lambda *a: builds.append(1) or original(*a))
-    ours, theirs = torch.nn.Parameter(torch.randn(40, device=device)), torch.nn.Parameter(torch.randn(40, device=device))
-    with torch.no_grad():
-        theirs.copy_(ours)
+    start = torch.randn(40, device=device)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
     our_opt = fastreg.optim.AdamW([ours], lr=1e-2)
     torch_opt = torch.optim.AdamW([theirs], lr=1e-2)
     grad = torch.randn(40, device=device)

@@ -323,16 +323,16 @@ def _optimizer_step_kernel(
     if HAS_FOUND_INF:  # a step with inf/NaN gradients changes nothing
         if tl.load(found_inf_ptr) == 0:
             _step_program(table_ptr, items_ptr, grads_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm,
-                              momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
-                              decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER, HAS_GRAD_SCALE,
-                              MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP, AMSGRAD,
-                              HAS_L1, PROJECT_ROWS, ALIGNED, BLOCK)
+                          momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1,
+                          log_beta2, eps, decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER,
+                          HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP,
+                          AMSGRAD, HAS_L1, PROJECT_ROWS, ALIGNED, BLOCK)
     else:
         _step_program(table_ptr, items_ptr, grads_ptr, grad_scale_ptr, lr, weight_decay, l1_threshold, max_norm,
-                          momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps,
-                          decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER, HAS_GRAD_SCALE,
-                          MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP, AMSGRAD,
-                          HAS_L1, PROJECT_ROWS, ALIGNED, BLOCK)
+                      momentum, one_minus_dampening, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2,
+                      eps, decay_factor, PARAM_DTYPE, VALUE_DTYPE, ACC, FP64, IS_ADAM, HAS_MASTER, HAS_GRAD_SCALE,
+                      MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_MOMENTUM, NESTEROV, FIRST_STEP, AMSGRAD, HAS_L1,
+                      PROJECT_ROWS, ALIGNED, BLOCK)
 
 
 @triton.jit
