@@ -81,24 +81,25 @@ TORCH_LIBRARY(fastreg, m) {
   //   l1 > 0:       w = sign(w) * max(|w| - lr * l1, 0)                (proximal L1 step)
   //   max_norm > 0: each row (dim 0) of a tensor of >= 2 dims is scaled by
   //                 max_norm / ||row|| where ||row|| > max_norm         (max-norm projection)
+  // grad_scale, found_inf: float32 scalars on the params' device (torch.amp.GradScaler's),
+  // read by the kernels, not the host: g = grad * (1 / grad_scale); found_inf != 0 leaves
+  // every tensor (and step count) as it was. So a step needs no host synchronization.
   // fastreg/_reference.py (sgd_step_, adam_step_) states the update term by term.
-  // g = grad * inv_grad_scale, negated if maximize; buf = g on first_step, else
-  // momentum * buf + (1 - dampening) * g (L2: g += weight_decay * w first).
+  // g negated if maximize; buf = g on first_step, else momentum * buf + (1 - dampening) * g
+  // (L2: g += weight_decay * w first).
   def(
       "sgd_step_", "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
       "float lr, float momentum, float dampening, float weight_decay, float l1, float max_norm, bool nesterov, "
-      "bool maximize, bool first_step, float inv_grad_scale) -> ()");
+      "bool maximize, bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // Adam (decoupled=false: L2 added to g) and AdamW (decoupled=true: w *= 1 - lr * weight_decay);
-  // amsgrad when max_exp_avg_sqs is not empty; the bias corrections 1 - beta^step are the host's.
+  // amsgrad when max_exp_avg_sqs is not empty. steps: one float32 scalar per param on the
+  // params' device (torch's state["step"]), incremented by the op; the bias corrections
+  // 1 - beta^step of the new count are formed per tensor in float64 on the device.
   def(
       "adam_step_", "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
-      "float bias_correction2, float inv_grad_scale) -> ()");
-  // steps[i] += value for float32 scalars on the CPU (the optimizers' step counts, torch's
-  // state layout): one host loop instead of one dispatched add per tensor, which is what
-  // _foreach_add_ does on CPU scalars.
-  m.def("add_to_steps_(Tensor(a!)[] steps, float value) -> ()");
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor(f!)[] steps, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // GroupNorm (and InstanceNorm: groups = C) over x of shape (N, C, S) with any strides,
   // optionally followed by SiLU: y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]),
   // statistics per (sample, group of C / groups channels) over its channels and S, returned

@@ -172,47 +172,61 @@ def _prox_and_project(w, lr, l1, max_norm):
     return w
 
 
-def _value_and_gradient(value, grad, inv_grad_scale, maximize):
+def _value_and_gradient(value, grad, grad_scale, maximize):
     """The value updated and its unscaled gradient (negated to maximize), in the accumulate dtype."""
     acc = _acc(value)
-    g = grad.to(acc) * inv_grad_scale
+    g = grad.to(acc)
+    if grad_scale is not None:
+        g = g * (1 / grad_scale.double()).to(acc)  # the inverse formed in float64, rounded once
     return value.to(acc), -g if maximize else g
 
 
-def _write_back(params, masters, i, w):
+def _store(target, new, skip):
+    """target <- new, or left as it is where the step is skipped (found_inf != 0; no host read)."""
+    target.copy_(new if skip is None else torch.where(skip, target.to(new.dtype), new))
+
+
+def _write_back(params, masters, i, w, skip):
     if masters:
-        masters[i].copy_(w)
-        params[i].copy_(w)  # rounded to the param's dtype
-    else:
-        params[i].copy_(w)
+        _store(masters[i], w, skip)
+    _store(params[i], w, skip)  # rounded to the param's dtype
+
+
+def _skip_flag(found_inf):
+    return None if found_inf is None else found_inf != 0
 
 
 def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening, weight_decay, l1, max_norm,
-              nesterov, maximize, first_step, inv_grad_scale):
-    """torch.optim.SGD's update (plus l1 and max_norm), in place."""
+              nesterov, maximize, first_step, grad_scale=None, found_inf=None):
+    """torch.optim.SGD's update (plus l1 and max_norm), in place; nothing changes when found_inf != 0."""
+    skip = _skip_flag(found_inf)
     for i, param in enumerate(params):
-        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], inv_grad_scale, maximize)
+        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], grad_scale, maximize)
         acc = w.dtype
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
             buf = momentum_buffers[i]
             b = g if first_step else buf.to(acc) * momentum + (1 - dampening) * g
-            buf.copy_(b)
-            b = buf.to(acc)  # as stored
+            b = b.to(buf.dtype).to(acc)  # as stored
+            _store(buf, b, skip)
             g = g + momentum * b if nesterov else b
         w = _prox_and_project(w - lr * g, lr, l1, max_norm)
-        _write_back(params, masters, i, w)
+        _write_back(params, masters, i, w, skip)
 
 
-def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, beta1, beta2, eps,
-               weight_decay, decoupled, l1, max_norm, maximize, bias_correction1, bias_correction2,
-               inv_grad_scale):
-    """torch.optim.Adam / AdamW's update (plus l1 and max_norm), in place."""
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2 ** 0.5
+def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
+               weight_decay, decoupled, l1, max_norm, maximize, grad_scale=None, found_inf=None):
+    """torch.optim.Adam / AdamW's update (plus l1 and max_norm), in place: steps[i] += 1, and the
+    bias corrections 1 - beta**step of the new count in float64; nothing changes when found_inf != 0."""
+    skip = _skip_flag(found_inf)
     for i, param in enumerate(params):
-        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], inv_grad_scale, maximize)
+        step = steps[i] + 1
+        _store(steps[i], step, skip)
+        step = step.double()
+        step_size = lr / (1 - beta1 ** step)  # float64 scalars, as torch.optim forms them on the host
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+        w, g = _value_and_gradient(masters[i] if masters else param, grads[i], grad_scale, maximize)
         acc = w.dtype
         if weight_decay != 0:
             if decoupled:
@@ -222,14 +236,14 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
         m = exp_avgs[i].to(acc)
         m = m + (1 - beta1) * (g - m)
         v = exp_avg_sqs[i].to(acc) * beta2 + (1 - beta2) * g * g
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        _store(exp_avgs[i], m, skip)
+        _store(exp_avg_sqs[i], v, skip)
         if max_exp_avg_sqs:
             v = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
-            max_exp_avg_sqs[i].copy_(v)
-        denom = v.sqrt() / bias_correction2_sqrt + eps
-        w = _prox_and_project(w - step_size * (m / denom), lr, l1, max_norm)
-        _write_back(params, masters, i, w)
+            _store(max_exp_avg_sqs[i], v, skip)
+        denom = v.sqrt() / bias_correction2_sqrt.to(acc) + eps
+        w = _prox_and_project(w - step_size.to(acc) * (m / denom), lr, l1, max_norm)
+        _write_back(params, masters, i, w, skip)
 
 
 # ---------------------------------------------------------------- group_norm

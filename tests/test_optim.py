@@ -14,7 +14,7 @@ import torch
 
 import fastreg
 from fastreg import _reference
-from fastreg.ops.optim import ADAM_STEP, SGD_STEP, add_to_steps_
+from fastreg.ops.optim import ADAM_STEP, SGD_STEP
 
 STEP_OPS = {"sgd": SGD_STEP, "adam": ADAM_STEP}
 from tests.conftest import needs_gpu
@@ -211,16 +211,21 @@ def test_state_dict_loads_both_ways_and_training_continues_identically(pair, dir
 
 
 @needs_gpu
-def test_a_step_count_saved_on_the_gpu_by_fused_adamw_moves_to_the_cpu():
+def test_step_counts_live_on_the_params_device():
+    """As torch's fused and capturable optimizers keep them: a CPU count saved by torch's
+    default AdamW moves to the GPU, and torch's default loads ours back."""
     model = _mlp("cuda")
-    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, torch_opt, 2)
-    assert next(iter(torch_opt.state.values()))["step"].device.type == "cuda"
+    assert next(iter(torch_opt.state.values()))["step"].device.type == "cpu"
     ours = fastreg.optim.AdamW(model.parameters(), lr=1e-2)
     ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
     for state in ours.state.values():
-        assert state["step"].device.type == "cpu" and state["step"].item() == 2
-        assert state["exp_avg"].device.type == "cuda"
+        assert state["step"].device.type == "cuda" and state["step"].item() == 2
+    _train(model, ours, 1)
+    torch_opt.load_state_dict(copy.deepcopy(ours.state_dict()))
+    _train(model, torch_opt, 1)
+    assert next(iter(torch_opt.state.values()))["step"].item() == 4
 
 
 def test_master_weights_survive_a_state_dict_round_trip():
@@ -464,8 +469,6 @@ def test_fastreg_options_are_validated():
         fastreg.optim.SGD(params, max_norm=-1)
     with pytest.raises(ValueError, match=r"Invalid l1 value: -1"):
         fastreg.optim.Adam([{"params": params, "l1": -1}])
-    with pytest.raises(RuntimeError, match="capturable=True"):
-        fastreg.optim.Adam(params, capturable=True)
     with pytest.raises(RuntimeError, match="differentiable=True"):
         fastreg.optim.SGD(params, differentiable=True)
     fastreg.optim.Adam(params, foreach=True)  # accepted and ignored
@@ -535,34 +538,34 @@ def _op_inputs(kind, dtype, masters, amsgrad_or_momentum, device, seed=0):
         inputs["exp_avgs"] = [rand(s, value_dtype) for s in SIZES]
         inputs["exp_avg_sqs"] = [rand(s, value_dtype, positive=True) for s in SIZES]
         inputs["max_exp_avg_sqs"] = [rand(s, value_dtype, positive=True) for s in SIZES] if amsgrad_or_momentum else []
+        inputs["steps"] = [torch.tensor(float(k), device=device) for k in range(len(SIZES))]  # counts differ per tensor
     return inputs
 
 
 def _call(fn, kind, inputs, **scalars):
+    grad_scale = torch.tensor(scalars["grad_scale"], device=inputs["params"][0].device)
     if kind == "sgd":
         fn(inputs["params"], inputs["grads"], inputs["momentum_buffers"], inputs["masters"], scalars["lr"],
            scalars["momentum"], scalars["dampening"], scalars["weight_decay"], scalars["l1"], scalars["max_norm"],
-           scalars["nesterov"], scalars["maximize"], scalars["first_step"], scalars["inv_grad_scale"])
+           scalars["nesterov"], scalars["maximize"], scalars["first_step"], grad_scale)
     else:
         fn(inputs["params"], inputs["grads"], inputs["exp_avgs"], inputs["exp_avg_sqs"], inputs["max_exp_avg_sqs"],
-           inputs["masters"], scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
+           inputs["masters"], inputs["steps"], scalars["lr"], scalars["beta1"], scalars["beta2"], scalars["eps"],
            scalars["weight_decay"], scalars["decoupled"], scalars["l1"], scalars["max_norm"], scalars["maximize"],
-           scalars["bias_correction1"], scalars["bias_correction2"], scalars["inv_grad_scale"])
+           grad_scale)
 
 
 OP_CASES = [
     ("sgd", True, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, l1=0.3, max_norm=4.0, nesterov=False,
-                       maximize=False, first_step=False, inv_grad_scale=0.5)),
+                       maximize=False, first_step=False, grad_scale=2.0)),
     ("sgd", True, dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, l1=0.0, max_norm=0.0, nesterov=True,
-                       maximize=True, first_step=True, inv_grad_scale=1.0)),
+                       maximize=True, first_step=True, grad_scale=1.0)),
     ("sgd", False, dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.01, l1=0.0, max_norm=2.0, nesterov=False,
-                        maximize=False, first_step=False, inv_grad_scale=1.0)),
+                        maximize=False, first_step=False, grad_scale=1.0)),
     ("adam", True, dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, l1=0.05,
-                        max_norm=3.0, maximize=False, bias_correction1=1 - 0.9**3, bias_correction2=1 - 0.999**3,
-                        inv_grad_scale=0.25)),
+                        max_norm=3.0, maximize=False, grad_scale=4.0)),
     ("adam", False, dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, decoupled=False, l1=0.0,
-                         max_norm=0.0, maximize=True, bias_correction1=1 - 0.8, bias_correction2=1 - 0.99,
-                         inv_grad_scale=1.0)),
+                         max_norm=0.0, maximize=True, grad_scale=1.0)),
 ]
 
 
@@ -593,44 +596,63 @@ def test_step_op_checks_its_arguments():
     if not fastreg._ext.has_kernel("adam_step_", "CPU"):
         pytest.skip(f"fastreg._C is not built: {fastreg._ext.load_error()}")
     op = torch.ops.fastreg.adam_step_
-    p, g = [torch.zeros(4)], [torch.zeros(4)]
-    args = (0.1, 0.9, 0.999, 1e-8, 0.0, True, 0.0, 0.0, False, 0.1, 0.001, 1.0)
+    p, g, steps = [torch.zeros(4)], [torch.zeros(4)], [torch.tensor(0.0)]
+    args = (0.1, 0.9, 0.999, 1e-8, 0.0, True, 0.0, 0.0, False)
     with pytest.raises(RuntimeError, match=r"'exp_avgs' has 0 tensors but 'params' has 1"):
-        op(p, g, [], [torch.zeros(4)], [], [], *args)
+        op(p, g, [], [torch.zeros(4)], [], [], steps, *args)
     with pytest.raises(RuntimeError, match=r"exp_avg_sqs\[0\] must be contiguous"):
-        op(p, g, [torch.zeros(4)], [torch.zeros(4, 2).t()[0]], [], [], *args)
+        op(p, g, [torch.zeros(4)], [torch.zeros(4, 2).t()[0]], [], [], steps, *args)
     with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype BFloat16, expected Float"):
-        op(p, [torch.zeros(4, dtype=torch.bfloat16)], [torch.zeros(4)], [torch.zeros(4)], [], [], *args)
+        op(p, [torch.zeros(4, dtype=torch.bfloat16)], [torch.zeros(4)], [torch.zeros(4)], [], [], steps, *args)
     with pytest.raises(RuntimeError, match="'masters' are float32 copies of bfloat16 or float16 params"):
-        op(p, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(4)], *args)
+        op(p, g, [torch.zeros(4)], [torch.zeros(4)], [], [torch.zeros(4)], steps, *args)
     with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] has 3 elements but params\[0\] has 4"):
-        op(p, g, [torch.zeros(3)], [torch.zeros(4)], [], [], *args)
+        op(p, g, [torch.zeros(3)], [torch.zeros(4)], [], [], steps, *args)
+    with pytest.raises(RuntimeError, match=r"'steps' has 0 tensors but 'params' has 1"):
+        op(p, g, [torch.zeros(4)], [torch.zeros(4)], [], [], [], *args)
+    with pytest.raises(RuntimeError, match=r"steps\[0\] must be a float32 scalar on the params' device \(cpu\), "
+                                           r"got Double"):
+        op(p, g, [torch.zeros(4)], [torch.zeros(4)], [], [], [torch.tensor(0.0, dtype=torch.float64)], *args)
+    with pytest.raises(RuntimeError, match=r"'found_inf' must be a float32 CPU scalar, got Float on cpu with 2"):
+        op(p, g, [torch.zeros(4)], [torch.zeros(4)], [], [], steps, *args, found_inf=torch.zeros(2))
 
 
 def test_step_ops_pass_opcheck():
     if not fastreg._ext.has_kernel("adam_step_", "CPU"):
         pytest.skip(f"fastreg._C is not built: {fastreg._ext.load_error()}")
     adam = _op_inputs("adam", torch.float32, False, True, "cpu")
+    scale, found_inf = torch.tensor(2.0), torch.tensor(0.0)
     torch.library.opcheck(torch.ops.fastreg.adam_step_.default, (
         adam["params"], adam["grads"], adam["exp_avgs"], adam["exp_avg_sqs"], adam["max_exp_avg_sqs"], [],
-        0.1, 0.9, 0.999, 1e-8, 0.1, True, 0.0, 1.0, False, 0.1, 0.001, 1.0))
+        adam["steps"], 0.1, 0.9, 0.999, 1e-8, 0.1, True, 0.0, 1.0, False, scale, found_inf))
     sgd = _op_inputs("sgd", torch.bfloat16, True, True, "cpu")
     torch.library.opcheck(torch.ops.fastreg.sgd_step_.default, (
         sgd["params"], sgd["grads"], sgd["momentum_buffers"], sgd["masters"],
-        0.1, 0.9, 0.0, 0.0, 0.1, 1.0, False, False, False, 1.0))
+        0.1, 0.9, 0.0, 0.0, 0.1, 1.0, False, False, False, None, None))
 
 
-def test_step_counts_are_incremented_on_the_host():
-    if not fastreg._ext.has_kernel("add_to_steps_", "CPU"):
-        pytest.skip(f"fastreg._C is not built: {fastreg._ext.load_error()}")
-    steps = [torch.tensor(0.0), torch.tensor(41.0)]
-    add_to_steps_(steps, 1.0)
-    assert [s.item() for s in steps] == [1.0, 42.0]
-    torch.library.opcheck(torch.ops.fastreg.add_to_steps_.default, (steps, 1.0))
-    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 CPU scalar, got Double"):
-        add_to_steps_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)
-    with pytest.raises(RuntimeError, match="with 2 elements"):
-        add_to_steps_([torch.zeros(2)], 1.0)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_step_ops_count_steps_and_skip_on_found_inf(kernel_backend, kind):
+    """adam_step_ increments the step counts; with found_inf != 0 neither op changes anything."""
+    name, device = kernel_backend
+    _skip_without_step_kernel(name)
+    inputs = _op_inputs(kind, torch.float32, False, True, device)
+    before = {key: [t.clone() for t in tensors] for key, tensors in inputs.items()}
+    scalars = dict(OP_CASES[0 if kind == "sgd" else 3][2])
+    op = STEP_OPS[kind][name]
+    found_inf = torch.tensor(1.0, device=device)
+    if kind == "sgd":
+        op(inputs["params"], inputs["grads"], inputs["momentum_buffers"], [], 0.1, 0.9, 0.1, 0.01, 0.3, 4.0, False,
+           False, True, torch.tensor(2.0, device=device), found_inf)
+    else:
+        op(inputs["params"], inputs["grads"], inputs["exp_avgs"], inputs["exp_avg_sqs"], inputs["max_exp_avg_sqs"],
+           [], inputs["steps"], 0.1, 0.9, 0.999, 1e-8, 0.1, True, 0.05, 3.0, False, None, found_inf)
+    for key in inputs:
+        for a, b in zip(inputs[key], before[key]):
+            assert torch.equal(a, b), key
+    if kind == "adam":
+        _call(op, kind, inputs, **scalars)
+        assert [s.item() for s in inputs["steps"]] == [s.item() + 1 for s in before["steps"]]
 
 
 def test_optimizer_pickles_and_deep_copies():
@@ -643,3 +665,191 @@ def test_optimizer_pickles_and_deep_copies():
         assert clone.param_groups[0]["l1"] == 1e-3 and clone.defaults["max_norm"] == 5.0
         clone.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
         assert clone.param_groups[-1]["l1"] == 1e-3
+
+
+# ---------------------------------------------------------------- state_dict options, capturable, host work
+
+
+def test_state_dict_states_only_active_fastreg_options():
+    """Without l1 / max_norm / master_weights the state_dict is torch's, key for key (so
+    torch.distributed.checkpoint loads either class into the other); a state_dict that does
+    not state an option leaves this optimizer's own value for that group."""
+    model = _mlp()
+    plain = fastreg.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, plain, 1)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert plain.state_dict()["param_groups"][0].keys() == theirs.state_dict()["param_groups"][0].keys()
+
+    groups = [{"params": model[0].parameters(), "l1": 1e-3, "max_norm": 2.0}, {"params": model[3].parameters()}]
+    ours = fastreg.optim.AdamW(groups, lr=1e-2)
+    saved = ours.state_dict()["param_groups"]
+    assert (saved[0]["l1"], saved[0]["max_norm"]) == (1e-3, 2.0) and "l1" not in saved[1]
+    torch_opt = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[3].parameters()}], lr=5e-3)
+    ours.load_state_dict(torch_opt.state_dict())
+    assert [(g["lr"], g["l1"], g["max_norm"]) for g in ours.param_groups] == [(5e-3, 1e-3, 2.0), (5e-3, 0.0, None)]
+
+
+def _torch_capturable_on_cpu(monkeypatch):
+    """torch.optim's capturable path (step counts and bias corrections as tensors on the
+    params' device) asserts a GPU-like device; let it run on CPU tensors."""
+    import importlib
+
+    adam_module = importlib.import_module("torch.optim.adam")  # torch.optim.adam is the function
+    monkeypatch.setattr(adam_module, "_get_capturable_supported_devices", lambda supports_xla=True: ["cpu"])
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scale-passed-to-kernel", "unscale_-then-step"])
+def test_capturable_follows_torch_s_capturable_with_a_skipped_step(step_backend, monkeypatch, unscale_first):
+    """capturable=True against torch.optim.AdamW(capturable=True) on the same CPU tensors,
+    with a GradScaler whose third step sees an inf: that step changes nothing (params,
+    states, step counts), and the others follow torch's (its bias corrections are float32
+    tensors, ours float64 scalars: float32 round-off)."""
+    _torch_capturable_on_cpu(monkeypatch)
+    device = step_backend[1]
+    results = []
+    for cls in (torch.optim.AdamW, fastreg.optim.AdamW):
+        model = _mlp(device)
+        opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, capturable=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        generator = torch.Generator().manual_seed(1)
+        steps = []
+        for step in range(4):
+            x = torch.randn(16, 12, generator=generator).to(device)
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).mean()).backward()
+            if step == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            steps.append([s["step"].item() for s in opt.state.values()])
+        results.append((model, opt, steps))
+    (theirs, torch_opt, torch_steps), (ours, our_opt, our_steps) = results
+    n = len(list(ours.parameters()))
+    assert our_steps == torch_steps == [[1.0] * n, [2.0] * n, [2.0] * n, [3.0] * n]
+    _assert_models_close(ours, theirs, rtol=1e-5)
+    for a, b in zip(our_opt.state.values(), torch_opt.state.values()):
+        assert a["step"].device == b["step"].device
+        _assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, what="exp_avg_sq")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (item(), bool(), float(),
+    and copies to the CPU of tensors on another device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(func)
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            dst_device = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
+            if dst_device is not None and torch.device(dst_device).type == "cpu" and src.device.type != "cpu":
+                self.reads.append(func)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("opt_name", ["AdamW", "SGD"])
+def test_a_step_reads_nothing_back_to_the_host(step_backend, monkeypatch, opt_name):
+    """With GradScaler's scale and inf flag set as it sets them, a step (after the first,
+    which creates the state) reads no tensor value on the host: no item(), bool(), tolist()
+    or copy to the CPU, so nothing waits for the device."""
+    device = step_backend[1]
+    model = _mlp(device)
+    kwargs = dict(lr=1e-2, momentum=0.9) if opt_name == "SGD" else dict(lr=1e-2, weight_decay=0.1, capturable=True)
+    opt = getattr(fastreg.optim, opt_name)(model.parameters(), max_norm=1.0, l1=1e-4, **kwargs)
+    tolists = []
+    original_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolists.append(1) or original_tolist(self))
+    for step in range(3):
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(step)).to(device)
+        opt.zero_grad()
+        (model(x).pow(2).mean() * 1024).backward()
+        opt.grad_scale = torch.tensor(1024.0, device=device)
+        opt.found_inf = torch.tensor(0.0, device=device)
+        if step == 0:
+            opt.step()
+            continue
+        tolists.clear()
+        with _HostReads() as mode:
+            opt.step()
+        assert mode.reads == [] and tolists == [], (mode.reads, len(tolists))
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_a_gpu_step_does_not_synchronize(backend_name):
+    model = _mlp("cuda")
+    opt = fastreg.optim.AdamW(model.parameters(), lr=1e-2, max_norm=1.0, capturable=True)
+    with fastreg.use_backend(backend_name):
+        for step in range(3):
+            opt.zero_grad()
+            (model(torch.randn(16, 12, device="cuda")).pow(2).mean() * 1024).backward()
+            opt.grad_scale = torch.tensor(1024.0, device="cuda")
+            opt.found_inf = torch.zeros((), device="cuda")
+            torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")  # the first step creates states
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def test_triton_plans_are_kept_per_tensor_set(monkeypatch):
+    """The Triton launcher builds its device table once per set of tensors: a second step
+    over the same tensors builds nothing; a param moved to new storage builds a new one
+    (and the step stays right)."""
+    if not hasattr(torch.ops.fastreg, "adam_step_triton_"):
+        pytest.skip("no Triton optimizer kernels")
+    skip_reason = fastreg._backend._why_not("triton", "cpu" if not torch.cuda.is_available() else "cuda")
+    if skip_reason:
+        pytest.skip(skip_reason)
+    from fastreg.triton_kernels import optim as kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    builds = []
+    original = kernels._build_plan
+    monkeypatch.setattr(kernels, "_build_plan", lambda *a: builds.append(1) or original(*a))
+    start = torch.randn(40, device=device)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    our_opt = fastreg.optim.AdamW([ours], lr=1e-2)
+    torch_opt = torch.optim.AdamW([theirs], lr=1e-2)
+    grad = torch.randn(40, device=device)
+    with fastreg.use_backend("triton"):
+        for step in range(3):
+            ours.grad, theirs.grad = grad, grad.clone()
+            if step == 2:
+                ours.data = ours.data.clone()  # new storage: the cached table is stale
+            our_opt.step()
+            torch_opt.step()
+            _assert_close(ours, theirs)
+    assert len(builds) == 2
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("poison_step", [0, 1])
+def test_sgd_momentum_with_a_skipped_first_step_follows_torch(dampening, poison_step):
+    """A GradScaler step with inf grads skipped as the very first step: the momentum buffers
+    start with the next step, as in torch (whose GradScaler never calls the step)."""
+    results = []
+    for cls in (torch.optim.SGD, fastreg.optim.SGD):
+        model = _mlp()
+        opt = cls(model.parameters(), lr=0.05, momentum=0.9, dampening=dampening)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(3):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(16, 12, generator=generator)).pow(2).mean()).backward()
+            if step == poison_step:
+                model[0].weight.grad[0, 0] = float("nan")
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt))
+    (theirs, torch_opt), (ours, our_opt) = results
+    _assert_models_close(ours, theirs)
+    for a, b in zip(our_opt.state.values(), torch_opt.state.values()):
+        _assert_close(a["momentum_buffer"], b["momentum_buffer"], what="momentum_buffer")

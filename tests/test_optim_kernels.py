@@ -89,20 +89,26 @@ def _run_both(op, backend, optimizer, param_dtype, with_masters, options, device
         amsgrad=options.pop("amsgrad", False), momentum=options.get("momentum", 0.0) != 0,
     )
     ref_params, ref_states, ref_masters = _clone(params), {k: _clone(v) for k, v in states.items()}, _clone(masters)
+    grad_scale = options.pop("grad_scale", None)
+    if grad_scale is not None:
+        options["grad_scale"] = torch.tensor(grad_scale, device=device)
     if optimizer == "sgd":
         args = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, l1=0.0, max_norm=0.0, nesterov=False,
-                    maximize=False, first_step=False, inv_grad_scale=1.0)
+                    maximize=False, first_step=False)
         args.update(options)
         op(params, grads, states["momentum_buffers"], masters, **args)
         _reference.sgd_step_(ref_params, grads, ref_states["momentum_buffers"], ref_masters, **args)
     else:
         args = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, l1=0.0,
-                    max_norm=0.0, maximize=False, bias_correction1=1 - 0.9 ** 3, bias_correction2=1 - 0.999 ** 3,
-                    inv_grad_scale=1.0)
+                    max_norm=0.0, maximize=False)
         args.update(options)
-        op(params, grads, states["exp_avgs"], states["exp_avg_sqs"], states["max_exp_avg_sqs"], masters, **args)
+        # counts 2 (bias corrections of step 3) and up: each tensor its own
+        states["steps"] = [torch.tensor(2.0 + i, device=device) for i in range(len(params))]
+        ref_states["steps"] = _clone(states["steps"])
+        op(params, grads, states["exp_avgs"], states["exp_avg_sqs"], states["max_exp_avg_sqs"], masters,
+           states["steps"], **args)
         _reference.adam_step_(ref_params, grads, ref_states["exp_avgs"], ref_states["exp_avg_sqs"],
-                              ref_states["max_exp_avg_sqs"], ref_masters, **args)
+                              ref_states["max_exp_avg_sqs"], ref_masters, ref_states["steps"], **args)
     got = {"params": params, "masters": masters, **states}
     want = {"params": ref_params, "masters": ref_masters, **ref_states}
     return got, want
@@ -129,20 +135,20 @@ SGD_OPTIONS = {
     "plain": dict(),
     "momentum_dampening_l2": dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
     "momentum_first_step": dict(momentum=0.9, dampening=0.5, first_step=True),
-    "nesterov_maximize_scaled": dict(momentum=0.8, nesterov=True, maximize=True, inv_grad_scale=0.25),
+    "nesterov_maximize_scaled": dict(momentum=0.8, nesterov=True, maximize=True, grad_scale=4.0),
     "l1": dict(l1=0.5),
     "max_norm": dict(max_norm=MAX_NORM),
 }
 ADAM_OPTIONS = {
     "adam_l2": dict(weight_decay=0.01),
     "adamw": dict(weight_decay=0.1, decoupled=True),
-    "amsgrad_maximize_scaled": dict(amsgrad=True, maximize=True, inv_grad_scale=0.5),
+    "amsgrad_maximize_scaled": dict(amsgrad=True, maximize=True, grad_scale=2.0),
     "l1_max_norm": dict(l1=0.05, max_norm=MAX_NORM),
 }
 # every regularization at once, for the dtype cases
 SGD_ALL = dict(momentum=0.9, dampening=0.1, nesterov=True, weight_decay=0.01, l1=0.02, max_norm=MAX_NORM,
-               inv_grad_scale=0.5)
-ADAM_ALL = dict(amsgrad=True, weight_decay=0.05, decoupled=True, l1=0.002, max_norm=MAX_NORM, inv_grad_scale=0.5)
+               grad_scale=2.0)
+ADAM_ALL = dict(amsgrad=True, weight_decay=0.05, decoupled=True, l1=0.002, max_norm=MAX_NORM, grad_scale=2.0)
 
 
 @pytest.mark.parametrize("backend", OPTIM_BACKENDS)
@@ -206,7 +212,7 @@ def test_one_call_over_mixed_dtypes(backend):
     grads = [_random(p.shape, p.dtype, device, generator) for p in params]
     buffers = [_random(p.shape, p.dtype, device, generator) for p in params]
     ref_params, ref_buffers = _clone(params), _clone(buffers)
-    args = (0.1, 0.9, 0.0, 0.01, 0.0, 0.0, False, False, False, 1.0)
+    args = (0.1, 0.9, 0.0, 0.01, 0.0, 0.0, False, False, False)
     _op("sgd_step_", backend)(params, grads, buffers, [], *args)
     _reference.sgd_step_(ref_params, grads, ref_buffers, [], *args)
     _assert_match({"params": params, "buffers": buffers}, {"params": ref_params, "buffers": ref_buffers})
@@ -215,9 +221,16 @@ def test_one_call_over_mixed_dtypes(backend):
 @pytest.mark.parametrize("backend", OPTIM_BACKENDS)
 def test_empty_lists_and_empty_tensors_are_no_ops(backend):
     device = _device_for(backend)
+    if backend == "triton":  # the launcher itself (an op given no tensor has no device to dispatch on)
+        from fastreg.triton_kernels import optim
+
+        optim.sgd_step_([], [], [], [], 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, False, False, False)
+        optim.adam_step_([], [], [], [], [], [], [], 0.1, 0.9, 0.999, 1e-8, 0.0, False, 0.0, 0.0, False)
     empty = torch.empty(0, device=device)
-    _op("adam_step_", backend)([empty], [empty.clone()], [empty.clone()], [empty.clone()], [], [], 0.1, 0.9, 0.999,
-                               1e-8, 0.0, False, 0.0, 0.0, False, 0.1, 0.001, 1.0)
+    step = torch.tensor(0.0, device=device)
+    _op("adam_step_", backend)([empty], [empty.clone()], [empty.clone()], [empty.clone()], [], [], [step], 0.1, 0.9,
+                               0.999, 1e-8, 0.0, False, 0.0, 0.0, False)
+    assert step.item() == 1  # counted as torch counts a param without elements
 
 
 @pytest.mark.parametrize("backend", OPTIM_BACKENDS)
@@ -226,7 +239,7 @@ def test_bad_arguments_raise_clear_errors(backend):
     error = ValueError if backend == "triton" else RuntimeError
     sgd = _op("sgd_step_", backend)
     p = torch.zeros(8, device=device)
-    scalars = (0.1, 0.9, 0.0, 0.0, 0.0, 0.0, False, False, False, 1.0)
+    scalars = (0.1, 0.9, 0.0, 0.0, 0.0, 0.0, False, False, False)
     with pytest.raises(error, match="grads"):
         sgd([p], [], [p.clone()], [], *scalars)
     with pytest.raises(error, match="momentum_buffers"):
@@ -237,8 +250,10 @@ def test_bad_arguments_raise_clear_errors(backend):
         sgd([p], [p.clone()], [p.double()], [], *scalars)
     with pytest.raises(error, match="masters\\[0\\]"):
         sgd([p.half()], [p.half()], [p.clone()], [p.double()], *scalars)
-    with pytest.raises(error, match="shape"):
+    with pytest.raises(error, match="shape|elements"):
         sgd([p], [torch.zeros(9, device=device)], [p.clone()], [], *scalars)
+    with pytest.raises(error, match="grad_scale"):
+        sgd([p], [p.clone()], [p.clone()], [], *scalars, torch.ones(2, device=device))
 
 
 @pytest.mark.skipif(os.environ.get("FASTREG_EXPECT_BUILD") != "cuda",
@@ -253,24 +268,31 @@ def test_triton_ops_are_registered():
     assert ADAM_STEP["triton"] is torch.ops.fastreg.adam_step_triton_.default
 
 
+_FLOAT_ARGS = ("lr", "weight_decay", "l1_threshold", "max_norm", "momentum", "one_minus_dampening", "one_minus_beta1",
+               "beta2", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "decay_factor")
+
+
 def _optim_case(case_id, **options):
     from fastreg.triton_kernels import optim
 
     fp32 = triton_aot.dtype("fp32")
     constexprs = dict(PARAM_DTYPE=fp32, VALUE_DTYPE=fp32, ACC=fp32, FP64=False, IS_ADAM=True,
-                      HAS_MASTER=False, MAXIMIZE=False, HAS_WEIGHT_DECAY=False, DECOUPLED=False, HAS_MOMENTUM=False,
-                      NESTEROV=False, FIRST_STEP=False, AMSGRAD=False, HAS_L1=False, PROJECT_ROWS=False,
-                      ALIGNED=True, BLOCK=optim.BLOCK_SIZE)
+                      HAS_MASTER=False, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, MAXIMIZE=False,
+                      HAS_WEIGHT_DECAY=False, DECOUPLED=False, HAS_MOMENTUM=False, NESTEROV=False, FIRST_STEP=False,
+                      AMSGRAD=False, HAS_L1=False, PROJECT_ROWS=False, ALIGNED=True, BLOCK=optim.BLOCK_SIZE)
     constexprs.update(options)
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.optim", "_optimizer_step_kernel",
-                           {"table_ptr": "*i64", "items_ptr": "*i64", "scalars_ptr": "*fp64"}, constexprs,
+    signature = {"table_ptr": "*i64", "items_ptr": "*i64", "grads_ptr": "*i64", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32"}
+    signature.update({name: "fp64" for name in _FLOAT_ARGS})
+    return triton_aot.Case(case_id, "fastreg.triton_kernels.optim", "_optimizer_step_kernel", signature, constexprs,
                            num_warps=optim.NUM_WARPS)
 
 
 def test_triton_kernel_compiles_for_a_gpu():
     """The interpreter accepts code a GPU compile rejects (non-constexpr globals, float64
     where only float32 is allowed): compile for sm_90 ahead of time, no GPU needed, in a
-    process without TRITON_INTERPRET, and check the full blocks use 16-byte loads."""
+    process without TRITON_INTERPRET, and check the full blocks use 16-byte loads and the
+    bias corrections call the float64 exp and log (no fast float32 approximation)."""
     triton_aot.require_nvidia_backend()
     from fastreg.triton_kernels import optim
 
@@ -279,11 +301,17 @@ def test_triton_kernel_compiles_for_a_gpu():
     # every option of the elementwise path, bfloat16 params with float32 masters: 16-byte accesses
     elementwise = _optim_case("elementwise", PARAM_DTYPE=bf16, HAS_MASTER=True, HAS_WEIGHT_DECAY=True,
                               DECOUPLED=True, AMSGRAD=True, HAS_L1=True, MAXIMIZE=True)
-    # the max-norm path in float64, SGD with Nesterov momentum
+    # the max-norm path in float64, SGD with Nesterov momentum, no GradScaler
     rows = _optim_case("max_norm_rows_fp64", PARAM_DTYPE=fp64, VALUE_DTYPE=fp64, ACC=fp64,
                        FP64=True, IS_ADAM=False, HAS_MOMENTUM=True, NESTEROV=True, HAS_WEIGHT_DECAY=True,
-                       HAS_L1=True, PROJECT_ROWS=True, ALIGNED=False, BLOCK=optim.ROW_BLOCK_SIZE)
-    results = triton_aot.compile_ptx([elementwise, rows])
+                       HAS_L1=True, PROJECT_ROWS=True, ALIGNED=False, BLOCK=optim.ROW_BLOCK_SIZE,
+                       HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, grad_scale_ptr=None, found_inf_ptr=None)
+    steps = triton_aot.Case("increment_steps", "fastreg.triton_kernels.optim", "_increment_steps_kernel",
+                            {"steps_ptr": "*i64", "count": "i32", "found_inf_ptr": "*fp32"},
+                            dict(HAS_FOUND_INF=True, BLOCK=optim.STEPS_BLOCK_SIZE))
+    results = triton_aot.compile_ptx([elementwise, rows, steps])
     ptx = triton_aot.ptx_of(results, elementwise)
     assert len(triton_aot.global_accesses(ptx, "ld", width=4)) >= 16, "the full blocks lost their vector loads"
+    assert "ex2.approx" not in ptx and "lg2.approx" not in ptx, "float64 bias corrections through float32 math"
     triton_aot.ptx_of(results, rows)
+    triton_aot.ptx_of(results, steps)

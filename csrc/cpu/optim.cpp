@@ -7,6 +7,10 @@
 //
 // The L1 prox and the max-norm projection run in the same pass: a max-norm work item owns
 // whole rows, updates a row, then takes its norm and rescales it while it is in cache.
+//
+// GradScaler's scale and inf flag and Adam's step counts are CPU scalars read here: a set
+// inf flag returns before anything is written; the counts are incremented and each
+// tensor's bias corrections formed in double as torch.optim forms them in Python.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +19,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastreg/welford.h"
@@ -172,7 +177,13 @@ template <typename param_t, typename value_t, typename Update>
 void run_steps(const StepTensors<param_t, value_t>& s, const Regularizers<acc_type<value_t>>& r,
                const std::vector<WorkItem>& items, Update update) {
   using acc_t = acc_type<value_t>;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+  // Threads only for work that outweighs waking them: at least GRAIN_SIZE elements each (a
+  // step over a few small tensors runs on the calling thread, as torch's fused step does).
+  int64_t elements = 0;
+  for (const WorkItem& item : items) elements += item.end - item.begin;
+  const auto count = static_cast<int64_t>(items.size());
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE * count / std::max<int64_t>(elements, 1));
+  at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> scratch;
     for (int64_t k = first; k < last; ++k) {
       const WorkItem& item = items[k];
@@ -233,6 +244,23 @@ at::ScalarType check_params(const char* op, at::TensorList params, at::TensorLis
               ": 'masters' are float32 copies of bfloat16 or float16 params, but params are ", dtype);
   check_list(op, "masters", masters, params, false, at::kFloat);
   return at::kFloat;
+}
+
+// GradScaler's scale and inf flag: float32 scalars on the CPU, read here (no device to wait on).
+const float* amp_scalar(const char* op, const char* name, const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1, "fastreg::", op, ": '",
+              name, "' must be a float32 CPU scalar, got ", t->scalar_type(), " on ", t->device(), " with ",
+              t->numel(), " elements");
+  return t->const_data_ptr<float>();
+}
+
+// (skip the step, 1 / grad_scale in double)
+std::pair<bool, double> amp_scaling(const char* op, const c10::optional<at::Tensor>& grad_scale,
+                                    const c10::optional<at::Tensor>& found_inf) {
+  const float* inf = amp_scalar(op, "found_inf", found_inf);
+  const float* scale = amp_scalar(op, "grad_scale", grad_scale);
+  return {inf != nullptr && *inf != 0.0f, scale != nullptr ? 1.0 / static_cast<double>(*scale) : 1.0};
 }
 
 template <typename param_t, typename value_t>
@@ -324,7 +352,8 @@ FASTREG_CPU_CLONES_AVX512 void sgd_range(const StepTensors<param_t, value_t>& s,
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                   at::TensorList masters, double lr, double momentum, double dampening, double weight_decay, double l1,
-                  double max_norm, bool nesterov, bool maximize, bool first_step, double inv_grad_scale) {
+                  double max_norm, bool nesterov, bool maximize, bool first_step,
+                  const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
   if (params.empty()) {
     TORCH_CHECK(grads.empty() && momentum_buffers.empty() && masters.empty(),
                 "fastreg::sgd_step_: 'params' is empty but other lists are not");
@@ -334,6 +363,8 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   TORCH_CHECK(momentum == 0 || !momentum_buffers.empty(),
               "fastreg::sgd_step_: momentum != 0 needs 'momentum_buffers'");
   check_list("sgd_step_", "momentum_buffers", momentum_buffers, params, momentum == 0, value_dtype);
+  const auto [skip, inv_grad_scale] = amp_scaling("sgd_step_", grad_scale, found_inf);
+  if (skip) return;
   const std::vector<WorkItem> items = work_items(params, max_norm);
   dispatch_types(params[0].scalar_type(), !masters.empty(), [&]<typename param_t, typename value_t>() {
     using acc_t = acc_type<value_t>;
@@ -418,11 +449,12 @@ FASTREG_CPU_CLONES_AVX512 void adam_range(const StepTensors<param_t, value_t>& s
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   at::TensorList max_exp_avg_sqs, at::TensorList masters, double lr, double beta1, double beta2,
+                   at::TensorList max_exp_avg_sqs, at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool decoupled, double l1, double max_norm, bool maximize,
-                   double bias_correction1, double bias_correction2, double inv_grad_scale) {
+                   const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
   if (params.empty()) {
-    TORCH_CHECK(grads.empty() && exp_avgs.empty() && exp_avg_sqs.empty() && max_exp_avg_sqs.empty() && masters.empty(),
+    TORCH_CHECK(grads.empty() && exp_avgs.empty() && exp_avg_sqs.empty() && max_exp_avg_sqs.empty() && masters.empty() &&
+                    steps.empty(),
                 "fastreg::adam_step_: 'params' is empty but other lists are not");
     return;
   }
@@ -430,9 +462,24 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_list("adam_step_", "exp_avgs", exp_avgs, params, false, value_dtype);
   check_list("adam_step_", "exp_avg_sqs", exp_avg_sqs, params, false, value_dtype);
   check_list("adam_step_", "max_exp_avg_sqs", max_exp_avg_sqs, params, true, value_dtype);
-  TORCH_CHECK(bias_correction1 > 0 && bias_correction2 > 0,
-              "fastreg::adam_step_: bias corrections must be positive (1 - beta^step with step >= 1), got ",
-              bias_correction1, " and ", bias_correction2);
+  TORCH_CHECK(steps.size() == params.size(), "fastreg::adam_step_: 'steps' has ", steps.size(),
+              " tensors but 'params' has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "fastreg::adam_step_: steps[", i, "] must be a float32 scalar on the params' device (cpu), got ",
+                steps[i].scalar_type(), " on ", steps[i].device(), " with ", steps[i].numel(), " elements");
+  }
+  const auto [skip, inv_grad_scale] = amp_scaling("adam_step_", grad_scale, found_inf);
+  if (skip) return;
+  // the new step counts, and per tensor its bias corrections in double (as Python's
+  // `1 - beta ** step` in torch.optim)
+  std::vector<std::pair<double, double>> corrections(steps.size());  // (step size, sqrt(bias correction 2))
+  for (size_t i = 0; i < steps.size(); ++i) {
+    float* step = steps[i].mutable_data_ptr<float>();
+    *step += 1.0f;
+    const double count = static_cast<double>(*step);
+    corrections[i] = {lr / (1 - std::pow(beta1, count)), std::sqrt(1 - std::pow(beta2, count))};
+  }
   const std::vector<WorkItem> items = work_items(params, max_norm);
   dispatch_types(params[0].scalar_type(), !masters.empty(), [&]<typename param_t, typename value_t>() {
     using acc_t = acc_type<value_t>;
@@ -446,32 +493,25 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                                static_cast<acc_t>(eps),
                                static_cast<acc_t>(weight_decay),
                                static_cast<acc_t>(1 - lr * weight_decay),
-                               static_cast<acc_t>(lr / bias_correction1),
-                               static_cast<acc_t>(std::sqrt(bias_correction2)),
+                               acc_t(0),  // step size and bias correction: per tensor, below
+                               acc_t(0),
                                static_cast<acc_t>(inv_grad_scale),
                                decoupled,
                                !max_exp_avg_sqs.empty(),
                                maximize};
     const Regularizers<acc_t> r{static_cast<acc_t>(lr * l1), static_cast<acc_t>(max_norm), l1 > 0, max_norm > 0};
     run_steps(s, r, items, [&](int64_t t, int64_t begin, int64_t end, acc_t* dst) {
-      adam_range(s, states, c, r, t, begin, end, dst);
+      AdamScalars<acc_t> tensor_scalars = c;
+      tensor_scalars.step_size = static_cast<acc_t>(corrections[t].first);
+      tensor_scalars.bias_correction2_sqrt = static_cast<acc_t>(corrections[t].second);
+      adam_range(s, states, tensor_scalars, r, t, begin, end, dst);
     });
   });
-}
-
-void add_to_steps_cpu(at::TensorList steps, double value) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                "fastreg::add_to_steps_: steps[", i, "] must be a float32 CPU scalar, got ", steps[i].scalar_type(),
-                " on ", steps[i].device(), " with ", steps[i].numel(), " elements");
-  }
-  for (const at::Tensor& step : steps) *step.mutable_data_ptr<float>() += static_cast<float>(value);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
-  m.impl("add_to_steps_", &add_to_steps_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
 }
