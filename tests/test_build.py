@@ -25,6 +25,7 @@ def test_import_reports_a_missing_extension_clearly(monkeypatch):
     from fastreg import _backend
 
     monkeypatch.setattr(_ext, "_load_error", "ImportError: no module named fastreg._C")
+    monkeypatch.setattr(_backend, "_choices", {})  # choices are cached per process: forget them
     with pytest.raises(RuntimeError, match="fastreg._C is not importable.*make build"):
         with _backend.use_backend("cpu"):
             _backend.choose_backend("cpu")
