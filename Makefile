@@ -37,6 +37,8 @@ STAMPS := $(VENV)
 endif
 
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+# the test processes: one per core where pytest-xdist is installed
+XDIST = $$($(PY) -c "import xdist" >/dev/null 2>&1 && echo "-n auto")
 # what `make test` requires of the build: the CUDA kernels wherever they can compile
 EXPECT_BUILD = $$($(PY) -c "import os, torch; cuda = '$(HAVE_NVCC)' and torch.version.cuda and os.environ.get('FASTREG_BUILD_CUDA') != '0'; print('cuda' if cuda else 'cpu')")
 
@@ -64,7 +66,7 @@ $(STAMPS)/.built: $(STAMPS)/.deps $(SOURCES)
 build: $(STAMPS)/.built
 
 test: build
-	FASTREG_EXPECT_BUILD=$(EXPECT_BUILD) $(PY) -m pytest tests bench -q --benchmark-disable $(PYTEST_ARGS)
+	FASTREG_EXPECT_BUILD=$(EXPECT_BUILD) $(PY) -m pytest tests bench -q --benchmark-disable $(XDIST) $(PYTEST_ARGS)
 
 demo: build
 	$(PY) examples/regularization_demo.py

@@ -32,10 +32,6 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
-# torch's own default is ninja's (cores + 2); a job per core that this process may use
-# (a container's CPU set, not the host's count).
-os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
-
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
@@ -101,15 +97,19 @@ def _extension():
     )
 
 
-setup(
-    name="fastreg-kernels",
-    version="0.1.0",
-    description="Fused, exact kernels for regularization and normalization layers (Triton, CUDA, C++)",
-    # the tested range (README, "Supported versions"); the extension is built against the
-    # torch installed at build time and must run with that same torch
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11,<2.16"],
-    packages=find_packages(include=["fastreg", "fastreg.*"]),  # fastreg/triton_kernels included (a link)
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": _BuildExtension},
-)
+if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import cuda_archs
+    # torch's own default is ninja's (cores + 2); a job per core that this process may use
+    # (a container's CPU set, not the host's count).
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
+    setup(
+        name="fastreg-kernels",
+        version="0.1.0",
+        description="Fused, exact kernels for regularization and normalization layers (Triton, CUDA, C++)",
+        # the tested range (README, "Supported versions"); the extension is built against the
+        # torch installed at build time and must run with that same torch
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11,<2.16"],
+        packages=find_packages(include=["fastreg", "fastreg.*"]),  # fastreg/triton_kernels included (a link)
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": _BuildExtension},
+    )
