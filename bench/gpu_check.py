@@ -397,6 +397,7 @@ class Target:
     metric: str
     minimum: float
     rank: int | None = None  # only shapes of this many dims (BatchNorm1d: 2)
+    dtype: str | None = None  # only this dtype (None: every dtype timed)
 
 
 TARGETS = [
@@ -415,8 +416,8 @@ TARGETS = [
     Target("BatchNorm eval fwd >= 90% of copy", "batch_norm_eval", "fwd", "copy", 0.90),
     Target("GroupNorm channels-last step >= 85% of copy", "group_norm_channels_last", "fwd+bwd", "copy", 0.85),
     Target("GroupNorm channels-last step >= torch.compile", "group_norm_channels_last", "fwd+bwd", "torch.compile", 1.0),
-    Target("AdamW step >= 90% of copy (28 B/param)", "adamw", "step", "copy", 0.90),
-    Target("AdamW step faster than torch fused=True", "adamw", "step", "torch-fused", 1.0),
+    Target("AdamW step >= 90% of copy (28 B/param)", "adamw", "step", "copy", 0.90, dtype="float32"),
+    Target("AdamW step faster than torch fused=True", "adamw", "step", "torch-fused", 1.0, dtype="float32"),
 ]
 
 
@@ -440,7 +441,8 @@ def evaluate(target: Target, rows: list[dict], backend: str) -> tuple[bool | Non
     """(met?, the values) of `target` for one fastreg backend, at the op's largest shape
     timed, over every dtype timed. None: not measured."""
     mine = [r for r in rows if r["op"] == target.op and r["mode"] == target.mode and r["timing"]
-            and r["provider"] == f"fastreg-{backend}" and (target.rank is None or len(r["shape"]) == target.rank)]
+            and r["provider"] == f"fastreg-{backend}" and (target.rank is None or len(r["shape"]) == target.rank)
+            and (target.dtype is None or r["dtype"] == target.dtype)]
     if not mine:
         return None, "not measured"
     largest = max(r["numel"] for r in mine)
