@@ -59,8 +59,18 @@ endif
 
 setup: $(STAMPS)/.deps
 
+# pip's editable build needs setuptools 64+ (PEP 660) and, below 70.1, the wheel package;
+# without them setuptools' own develop command makes the same in-place build
+PIP_EDITABLE_WORKS := import importlib.util, setuptools; \
+	v = tuple(int(p) for p in setuptools.__version__.split(".")[:2]); \
+	raise SystemExit(not (v >= (70, 1) or (v >= (64, 0) and importlib.util.find_spec("wheel"))))
+
 $(STAMPS)/.built: $(STAMPS)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	if $(PY) -c '$(PIP_EDITABLE_WORKS)'; then \
+		$(PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .; \
+	else \
+		$(PY) setup.py -q develop --no-deps; \
+	fi
 	touch $@
 
 build: $(STAMPS)/.built
