@@ -5,11 +5,19 @@ compile even without a GPU) or "cpu": without this check, a broken build would o
 turn the C++ backends' tests into skips.
 """
 
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
+import fastreg
 from fastreg import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPECTED = os.environ.get("FASTREG_EXPECT_BUILD")
 
@@ -71,3 +79,56 @@ def test_extension_without_cuda_kernels_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "built without CUDA kernels" in _backend._why_not("cuda", "cuda")
     assert _backend._why_not("cpu", "cpu") is None
+
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    """setup.py as a module (setup() runs only as __main__), with torch's GPU queries and
+    the architecture variables in the test's hands."""
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    for variable in ("FASTREG_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(variable, raising=False)
+    spec = importlib.util.spec_from_file_location("fastreg_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_archs_are_the_visible_gpus_unless_chosen(setup_module, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert setup_module.cuda_archs() == "8.0;9.0"  # no GPU: both datacenter generations
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 6), (9, 0)][i])
+    assert setup_module.cuda_archs() == "8.6;9.0"  # each architecture present, once
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert setup_module.cuda_archs() == "7.5"
+    monkeypatch.setenv("FASTREG_CUDA_ARCHS", "9.0a")
+    assert setup_module.cuda_archs() == "9.0a"
+
+
+@pytest.mark.skipif(not _ext.loaded(), reason="needs the built extension (copied into the install)")
+def test_a_regular_install_holds_every_package(tmp_path):
+    """`setup.py build_py` lays the Python files out as a wheel does: fastreg.triton_kernels
+    (the link fastreg/triton_kernels) as real files, every subpackage; with the extension
+    beside them, fastreg imports from there alone."""
+    build_lib = tmp_path / "lib"
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build_lib)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kernels = build_lib / "fastreg" / "triton_kernels"
+    assert not kernels.is_symlink() and (kernels / "dropout.py").is_file()
+    for package in {os.path.relpath(os.path.dirname(p), ROOT) for p in _python_files(os.path.join(ROOT, "fastreg"))}:
+        assert (build_lib / package / "__init__.py").is_file(), package
+    shutil.copy(fastreg._C.__file__, build_lib / "fastreg")
+    probe = ("import fastreg, fastreg._C, fastreg.triton_kernels.dropout as kernels; "
+             "print(fastreg.__file__); print(kernels.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(build_lib)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(line.startswith(str(build_lib)) for line in result.stdout.split()), result.stdout
+
+
+def _python_files(folder):
+    for path, _, files in os.walk(folder, followlinks=True):
+        yield from (os.path.join(path, f) for f in files if f.endswith(".py"))

@@ -50,7 +50,7 @@ __attribute__((always_inline)) inline V load_as(const T* p) {
   if constexpr (kIsScalar<V>) {
     return static_cast<V>(*p);
   } else {
-    using acc_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+    using acc_t = LaneOf<V>;
     if constexpr (std::is_same_v<T, acc_t>) {
       return load<acc_t, sizeof(V)>(p);
     } else {
@@ -66,7 +66,7 @@ __attribute__((always_inline)) inline void store_as(T* p, V v) {
   if constexpr (kIsScalar<V>) {
     *p = static_cast<T>(v);
   } else {
-    using acc_t = std::remove_cvref_t<decltype(std::declval<V>()[0])>;
+    using acc_t = LaneOf<V>;
     if constexpr (std::is_same_v<T, acc_t>) {
       store(p, v);
     } else {
@@ -80,7 +80,7 @@ __attribute__((always_inline)) inline V vsqrt(V v) {
   if constexpr (kIsScalar<V>) {
     return std::sqrt(v);
   } else {
-    using acc_t = std::remove_cvref_t<decltype(v[0])>;
+    using acc_t = LaneOf<V>;
     for (int64_t k = 0; k < kWidth<acc_t, sizeof(V)>; ++k) v[k] = std::sqrt(v[k]);
     return v;
   }

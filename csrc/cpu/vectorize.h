@@ -63,6 +63,10 @@ template <typename T, int64_t Bytes = 32>
 using Vec = typename VecOf<T, Bytes>::type;
 template <typename T, int64_t Bytes = 32>
 constexpr int64_t kWidth = Bytes / sizeof(T);
+// The element type of a vector V (v[0] is an lvalue reference to it). C++17: torch 2.11
+// builds extensions with -std=c++17, which has no std::remove_cvref_t.
+template <typename V>
+using LaneOf = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
 
 template <typename T, int64_t Bytes = 32>
 __attribute__((always_inline)) inline Vec<T, Bytes> load(const T* p) {
@@ -78,7 +82,7 @@ __attribute__((always_inline)) inline void store(T* p, V v) {
 }
 
 // The lanes of a vector summed in a fixed order.
-template <typename V, typename T = std::remove_cvref_t<decltype(std::declval<V>()[0])>>
+template <typename V, typename T = LaneOf<V>>
 __attribute__((always_inline)) inline T sum_lanes(V v) {
   T total = 0;
   for (int64_t k = 0; k < kWidth<T>; ++k) total += v[k];

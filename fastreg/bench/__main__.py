@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--host", action="store_true",
                         help="time the host path of tiny calls against torch and count kernel launches per call "
                              "(fastreg/bench/host.py) instead of the ops' bandwidth")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out of the providers (its compiles take most of a short run)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     dtypes = [DTYPES[d] for d in args.dtype or (["bfloat16"] if args.device == "cuda" else ["float32"])]
     heap_kept = args.device == "cpu" and not args.default_malloc and runner.keep_heap()
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
-                                 args.modes, args.min_time, args.rounds)
+                                 args.modes, args.min_time, args.rounds, compile=not args.no_compile)
     env = runner.environment(args.device, heap_kept)
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out = args.out or f"bench/results/{slug}"

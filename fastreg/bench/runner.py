@@ -95,15 +95,15 @@ def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float)
     return 2 * numel * dtype.itemsize / timing.median_ms / 1e6
 
 
-def providers(op, device: str, backends: list[str] | None) -> list[str]:
+def providers(op, device: str, backends: list[str] | None, compile: bool = True) -> list[str]:
     """fastreg backends that run on `device` (triton through the interpreter only if asked), then torch's:
-    eager, the op's variants, and torch.compile for layer ops."""
+    eager, the op's variants, and torch.compile for layer ops (unless `compile` is False)."""
     if backends is None:
         backends = [
             b for b in fastreg.available_backends()
             if fastreg.backend_supports(b, device) and b != "torch" and not (b == "triton" and device == "cpu")
         ]
-    compiled = ["torch.compile"] if op.modes == LAYER_MODES else []
+    compiled = ["torch.compile"] if op.modes == LAYER_MODES and compile else []
     return [f"fastreg-{b}" for b in backends] + ["torch", *op.torch_variants] + compiled
 
 
@@ -134,7 +134,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_time=0.5, rounds=None,
-        log=sys.stderr):
+        log=sys.stderr, compile=True):
     """Measure everything; returns (rows, copy GB/s per (numel, dtype)). `modes`: those of
     each op's own modes to run (None: all of them).
 
@@ -154,7 +154,7 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_
         for shape in shapes or (quick_shapes if quick else full):
             for dtype in dtypes:
                 for mode in (m for m in op.modes if modes is None or m in modes):
-                    cases.append((op, mode, tuple(shape), dtype, providers(op, device, backends)))
+                    cases.append((op, mode, tuple(shape), dtype, providers(op, device, backends, compile)))
     if backends is None and device == "cpu":
         print("note: triton on CPU runs in the interpreter; skipped (ask with --backends triton)", file=log)
 
