@@ -143,9 +143,11 @@ def _low_precision_close(ours_all, torch_all, ref_all, dtype, names=("y", "dx", 
             f"{what}: error {ours_error:.3g} vs torch's {torch_error:.3g}")
 
 
-# (shape, groups): channels-last chunks of whole groups in Triton (D a power of two):
-# D = 8 with odd S (fp32: 2 chunks of 4 groups, bf16: 1 of 8), and D = 1 (32 groups a chunk)
-CHUNK_SHAPES = {"C=64,G=8,7x5": ((2, 64, 7, 5), 8), "C=32,G=32,3x3": ((2, 32, 3, 3), 32)}
+# (shape, groups): channels-last chunks of whole groups in Triton: D = 8 with odd S (fp32:
+# 2 chunks of 4 groups, bf16: 1 of 8), D = 1 (32 groups a chunk), and D = 10 (the lanes
+# past a chunk's 4 or 8 groups masked)
+CHUNK_SHAPES = {"C=64,G=8,7x5": ((2, 64, 7, 5), 8), "C=32,G=32,3x3": ((2, 32, 3, 3), 32),
+                "C=80,G=8,3x5": ((2, 80, 3, 5), 8)}
 
 
 @pytest.mark.parametrize("shape", list(CHUNK_SHAPES))
@@ -156,9 +158,8 @@ def test_channels_last_chunks(backend, shape, dtype):
     name, device = backend
     shape, groups = CHUNK_SHAPES[shape]
     if name == "triton":  # the shapes do exercise the chunk kernels
-        from fastreg.triton_kernels.group_norm import _blocks
-        D, S = shape[1] // groups, shape[2] * shape[3]
-        assert _blocks(shape[1], D, S, 1, dtype.itemsize, torch.device(device))[0] == "chunk"
+        from fastreg.triton_kernels.group_norm import _tiles
+        assert _tiles(shape[1], groups, shape[2] * shape[3], 1, dtype.itemsize, torch.device(device))[0] == "chunk"
     x = _input(shape, torch.channels_last, device=device, dtype=dtype)
     grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     for affine in ("weight+bias", "none"):
@@ -207,12 +208,14 @@ def test_statistics_stable_for_large_means(backend):
         torch.testing.assert_close(y.double(), torch_F.group_norm(x.double(), 2), atol=1e-4, rtol=0)
 
 
-# ------------------------------------------------- Triton: S split into pieces (interpreter)
-# gn_fwd / gn_bwd split S into SPLITS pieces where a launch has too few programs for a GPU
-# (_plan); splits=k forces k. S = 7 x 5 is no multiple of SPLITS * BLOCK_S. family ->
-# (shape, groups, memory format): per group (contiguous, D = 2) and per chunk of whole
-# groups (channels-last, D = 8).
-SPLIT_SHAPES = {"group": ((2, 6, 7, 5), 3, torch.contiguous_format), "chunk": ((2, 64, 7, 5), 8, torch.channels_last)}
+# ------------------------------------------------- Triton: S in splits (interpreter)
+# gn_fwd / gn_bwd split S into SPLITS ranges where a launch has too few programs for a GPU
+# (_plan); splits=k forces k. S = 7 x 5 is no multiple of SPLITS * BLOCK_S. name ->
+# (shape, groups, memory format, family): per group (contiguous, D = 2) and per chunk of
+# whole groups (channels-last, D = 8, and D = 10 with masked lanes).
+SPLIT_SHAPES = {"group": ((2, 6, 7, 5), 3, torch.contiguous_format, "group"),
+                "chunk": ((2, 64, 7, 5), 8, torch.channels_last, "chunk"),
+                "chunk-D=10": ((2, 40, 7, 5), 4, torch.channels_last, "chunk")}
 
 
 def _triton_gn():
@@ -232,20 +235,21 @@ def _split_run(gn, x, groups, w, b, silu, dy, splits):
 def _split_plan(gn, x, groups, splits):
     N, C = x.shape[:2]
     x3 = x.flatten(2)
-    return gn._plan(N, C, C // groups, x3.shape[2], x3.stride(1), x.element_size(), x.device, splits=splits)
+    return gn._plan(N, C, groups, x3.shape[2], x3.stride(1), x.element_size(), x.device, splits=splits)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_split_launches_match_torch(family, splits, dtype):
-    """Forward and backward with S in 1, 2 or 3 pieces: every piece's partials merged (a
+def test_triton_split_launches_match_torch(case, splits, dtype):
+    """Forward and backward with S in 1, 2 or 3 splits: every split's partials merged (a
     dropped one fails), with and without weight / bias and SiLU, against torch."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, family = SPLIT_SHAPES[case]
     x = _input(shape, memory_format, dtype=dtype)
     dy = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
-    assert _split_plan(gn, x, groups, splits)[0] == family and _split_plan(gn, x, groups, splits)[3] == splits
+    plan = _split_plan(gn, x, groups, splits)
+    assert plan.family == family and plan.splits == splits
     for affine in ("weight+bias", "none"):
         w, b = _params(shape[1], *AFFINE[affine], "cpu", dtype)
         for silu in (False, True):
@@ -266,14 +270,14 @@ def test_triton_split_launches_match_torch(family, splits, dtype):
             _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
-def test_triton_split_statistics_stable_for_large_means(family):
-    """Mean 1e3, unit variance, float32, S in 3 pieces: the merged mean and rstd stay those
-    of float64 on the same input (per-piece mean and M2, Chan's merge)."""
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
+def test_triton_split_statistics_stable_for_large_means(case):
+    """Mean 1e3, unit variance, float32, S in 3 splits: the merged mean and rstd stay those
+    of float64 on the same input (per-split mean and M2, merged shifted by split 0's mean)."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, _ = SPLIT_SHAPES[case]
     x = (torch.randn(shape, dtype=torch.float64) + 1e3).float().contiguous(memory_format=memory_format)
-    assert _split_plan(gn, x, groups, 3)[3] == 3
+    assert _split_plan(gn, x, groups, 3).splits == 3
     y, mean, rstd = gn.gn_fwd(x.flatten(2), None, None, groups, 1e-5, False, splits=3)
     exact = x.double().reshape(shape[0], groups, -1)
     torch.testing.assert_close(mean.double(), exact.mean(-1), rtol=1e-7, atol=0)
@@ -281,16 +285,40 @@ def test_triton_split_statistics_stable_for_large_means(family):
     torch.testing.assert_close(y.view_as(x).double(), torch_F.group_norm(x.double(), groups), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
-def test_triton_split_launches_are_deterministic(family):
-    """Two runs with S in 3 pieces: bitwise the same outputs, statistics and gradients."""
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
+def test_triton_split_launches_are_deterministic(case):
+    """Two runs with S in 3 splits: bitwise the same outputs, statistics and gradients."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, _ = SPLIT_SHAPES[case]
     x = _input(shape, memory_format)
     w, b = _params(shape[1], True, True, "cpu")
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     runs = [_split_run(gn, x, groups, w, b, True, dy, 3) for _ in range(2)]
     assert all(torch.equal(first, second) for first, second in zip(*runs))
+
+
+@pytest.mark.parametrize("family", ["group", "chunk"])
+def test_triton_group_value_counts_are_64_bit(family):
+    """A group of D = 2 channels x S = 2^30 positions holds 2^31 values, past int32: the
+    apply kernel divides the merged M2 by the count D * S taken in 64 bits (in 32 bits it
+    wraps to -2^31 and rstd is NaN). x is one value broadcast (strides 0): no memory is
+    spent, and the kernel walks one tile of one split, the partials given."""
+    gn = _triton_gn()
+    D, S = 2, 2**30
+    if family == "group":
+        x = torch.zeros(1).expand(1, D, S)
+        kernel, tile = gn._gn_apply_kernel, dict(BLOCK_D=2, stride_c=x.stride(1))
+    else:  # channels adjacent: strides (0, 1, 0)
+        x = torch.zeros(D).expand(1, S, D).transpose(1, 2)
+        kernel, tile = gn._gn_chunk_apply_kernel, dict(GROUPS=1, BLOCK_C=2)
+    y = torch.zeros(D).expand(1, S, D).transpose(1, 2) if family == "chunk" else torch.zeros(1).expand(1, D, S)
+    mean, rstd = torch.zeros(1, 1), torch.zeros(1, 1)
+    part_mean, part_m2 = torch.zeros(1), torch.full((1,), 2.0**31)  # M2 = 2^31: the variance is 1
+    args = dict(X=x, Y=y, W=mean, B=mean, MEAN=mean, RSTD=rstd, PART_MEAN=part_mean, PART_M2=part_m2, S=S, D=D, G=1,
+                SPLITS=1, TILES_PER_SPLIT=1, eps=0.0, stride_n=x.stride(0), stride_s=x.stride(2), HAS_WEIGHT=False,
+                HAS_BIAS=False, SILU=False, BLOCK_S=16, SPLIT_BLOCK=1, **tile)
+    kernel[(1, 1)](**{name: args[name] for name in kernel.arg_names})
+    assert rstd.item() == 1.0
 
 
 def test_triton_interpreter_splits_the_small_test_shapes():
@@ -300,10 +328,10 @@ def test_triton_interpreter_splits_the_small_test_shapes():
     for case, family in (("wide", "group"), ("chunks-channels_last", "chunk")):
         shape, groups, memory_format, _ = CASES[case]
         plan = _split_plan(gn, _input(shape, memory_format), groups, None)
-        assert plan[0] == family and plan[3] > 1, (case, plan)
+        assert plan.family == family and plan.splits > 1, (case, plan)
     shape, groups = CHUNK_SHAPES["C=64,G=8,7x5"]
     plan = _split_plan(gn, _input(shape, torch.channels_last, dtype=torch.bfloat16), groups, None)
-    assert plan[0] == "chunk" and plan[3] > 1, plan
+    assert plan.family == "chunk" and plan.splits > 1, plan
 
 
 def _raised(call):
