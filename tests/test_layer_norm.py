@@ -108,6 +108,47 @@ def test_rows_longer_than_the_chip_holds(backend, hidden, is_rms):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+# (hidden, dtype, dh, dropout) -> the Triton backward's plan (layer_norm._bwd_plan): the
+# row on chip in one part, in two parts, or looped (two passes per row, a second kernel
+# for dweight / dbias)
+BACKWARD_PLANS = {
+    (1000, torch.bfloat16, True, True): 1,
+    (12000, torch.bfloat16, False, False): 2,
+    (12000, torch.bfloat16, True, False): 2,
+    (12000, torch.bfloat16, False, True): 2,
+    (12000, torch.bfloat16, True, True): 0,
+    (12000, torch.float32, False, False): 0,
+}
+
+
+@pytest.mark.parametrize("plan", list(BACKWARD_PLANS), ids=lambda plan: "-".join(map(str, plan)).replace("torch.", ""))
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_triton_backward_plans_match_the_cpu_kernel(plan, is_rms):
+    """Each way the Triton backward walks a row gives the C++ CPU kernel's dx, dweight,
+    dbias and dropout(dx) (that kernel is checked against torch above)."""
+    from tests.conftest import skip_unless_runs
+
+    if skip_unless_runs("triton") != "cpu" or skip_unless_runs("cpu") != "cpu":
+        pytest.skip("compares the interpreted Triton kernel with the CPU kernel on the same CPU tensors")
+    from fastreg.triton_kernels import layer_norm
+
+    hidden, dtype, with_dh, with_dropout = plan
+    assert layer_norm._bwd_plan(hidden, dtype.itemsize, with_dh and with_dropout)[1] == BACKWARD_PLANS[plan]
+    rows = 3
+    x = (torch.randn(rows, hidden) * 2 + 0.5).to(dtype)
+    weight = torch.randn(hidden).to(dtype)
+    dy = torch.randn(rows, hidden).to(dtype)
+    dh = torch.randn(rows, hidden).to(dtype) if with_dh else None
+    seed = torch.tensor([1234], dtype=torch.int64) if with_dropout else None
+    p = 0.3 if with_dropout else 0.0
+    _, _, mean, rstd = torch.ops.fastreg.norm_fwd(x, weight, None, 1e-5, is_rms, None, None, 0.0, False, False)
+    ours = layer_norm.norm_bwd(dy, x, weight, mean, rstd, is_rms, not is_rms, dh, seed, p)
+    theirs = torch.ops.fastreg.norm_bwd(dy, x, weight, mean, rstd, is_rms, not is_rms, dh, seed, p)
+    for mine, expected in zip(ours, theirs):
+        assert mine.shape == expected.shape and mine.dtype == expected.dtype
+        torch.testing.assert_close(mine.float(), expected.float(), atol=ATOL[dtype] * 8, rtol=0.02)
+
+
 def test_statistics_stable_for_large_means(backend):
     """Rows with mean 1e4 and unit variance normalize correctly in float32."""
     name, device = backend
