@@ -81,6 +81,25 @@ def test_training_steps_then_eval_match_torch(backend, case, momentum):
     _steps(ours, theirs, shape, memory_format, device, torch.float32)
 
 
+@pytest.mark.skipif(not GPU, reason="the CUDA kernels' grid limit: needs a CUDA GPU (the CPU kernels have none)")
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_more_channels_than_a_grid_axis_holds(backend, memory_format):
+    """70000 channels: past the 65535 blocks of a CUDA grid's y axis, where a launch with
+    one block per channel on that axis fails."""
+    name, device = backend
+    channels = 70000
+    ours, theirs = fastreg.nn.BatchNorm2d(channels).to(device), torch.nn.BatchNorm2d(channels).to(device)
+    x = _input((2, channels, 2, 2), memory_format, device, torch.float32)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    _close(y_ours, y_theirs, torch.float32)
+    grad = torch.randn_like(y_theirs)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    _close(x_ours.grad, x_theirs.grad, torch.float32)
+    _close(ours.weight.grad, theirs.weight.grad, torch.float32, count=8)
+
+
 @pytest.mark.parametrize("options", [dict(affine=False), dict(track_running_stats=False), dict(eps=1e-3)],
                          ids=["no-affine", "no-running-stats", "eps"])
 def test_options(backend, options):
