@@ -179,14 +179,18 @@ def _vector(numel: int, element_size: int) -> int:
     return vec
 
 
+_NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def _launch_device(tensor):
     """The context a launch on `tensor` runs in: Triton launches on the current CUDA device,
-    so a tensor on another device makes its device current for the launch (none entered
-    where it already is, or for CPU tensors, which run in the interpreter)."""
-    device = tensor.device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    so a tensor on another device makes its device current for the launch. Where it
+    already is (or for a CPU tensor, run by the interpreter) no context is entered: a
+    shared no-op one is returned."""
+    index = tensor.get_device()  # -1 for a CPU tensor
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return _NO_DEVICE_CHANGE
 
 
 def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):

@@ -973,14 +973,18 @@ def _plan(N, C, G, S, stride_c, itemsize, device, target_programs=None, splits=N
     return _Plan(family, units, dict(tile, **{lanes_name: lanes, "BLOCK_S": block_s}), count, per_split)
 
 
+_NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def _launch_device(tensor):
     """The context a launch on `tensor` runs in: Triton launches on the current CUDA device,
-    so a tensor on another device makes its device current for the launch (none entered
-    where it already is, or for CPU tensors, which run in the interpreter)."""
-    device = tensor.device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    so a tensor on another device makes its device current for the launch. Where it
+    already is (or for a CPU tensor, run by the interpreter) no context is entered: a
+    shared no-op one is returned."""
+    index = tensor.get_device()  # -1 for a CPU tensor
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return _NO_DEVICE_CHANGE
 
 
 def _launch(plan, direction, args):
