@@ -6,7 +6,6 @@ import torch
 
 import fastreg
 from fastreg import functional as F
-from tests import triton_aot
 from tests.conftest import GPU
 
 # Per-dtype tolerances against torch (same dtype). Backward sums over N * S values per
@@ -80,6 +79,25 @@ def test_training_steps_then_eval_match_torch(backend, case, momentum):
     rank, shape, memory_format = CASES[case]
     ours, theirs = _pair(rank, device, momentum=momentum)
     _steps(ours, theirs, shape, memory_format, device, torch.float32)
+
+
+@pytest.mark.skipif(not GPU, reason="the CUDA kernels' grid limit: needs a CUDA GPU (the CPU kernels have none)")
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_more_channels_than_a_grid_axis_holds(backend, memory_format):
+    """70000 channels: past the 65535 blocks of a CUDA grid's y axis, where a launch with
+    one block per channel on that axis fails."""
+    name, device = backend
+    channels = 70000
+    ours, theirs = fastreg.nn.BatchNorm2d(channels).to(device), torch.nn.BatchNorm2d(channels).to(device)
+    x = _input((2, channels, 2, 2), memory_format, device, torch.float32)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    _close(y_ours, y_theirs, torch.float32)
+    grad = torch.randn_like(y_theirs)
+    y_ours.backward(grad)
+    y_theirs.backward(grad)
+    _close(x_ours.grad, x_theirs.grad, torch.float32)
+    _close(ours.weight.grad, theirs.weight.grad, torch.float32, count=8)
 
 
 @pytest.mark.parametrize("options", [dict(affine=False), dict(track_running_stats=False), dict(eps=1e-3)],
@@ -240,62 +258,3 @@ def test_torch_compile_fullgraph(backend):
     reference.eval()
     x = torch.randn(4, 3, 6, 6, device=device)
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), reference(x), atol=1e-5, rtol=1e-4)
-
-
-# ------------------------------------------------------ ahead-of-time compile for a GPU
-# Both kernels of triton_kernels/batch_norm.py in every variant its launchers use (HAS_DY:
-# statistics / backward sums, forward / backward apply), with the pointer types they pass:
-# x and dy in the input dtype, per-channel vectors and partial sums in the accumulate
-# dtype (fp64 for fp64 inputs, else fp32); sizes and strides i32, the unit stride of the
-# layout (S of a contiguous input, C of a channels-last one) a constexpr 1 as a launch
-# specializes it, the others divisible by 16 (e.g. 64 channels of 56 x 56); the GPU tile
-# (BLOCK_P = 64 positions x BLOCK_C = 32 channels), default num_warps.
-
-
-def _bn_aot_case(case_id, kernel, x, *, has_dy, layout="contiguous"):
-    acc = "fp64" if x == "fp64" else "fp32"
-    tensors = ("x", "dy") if kernel == "_bn_partial_sums_kernel" else ("x", "dy", "o")
-    if kernel == "_bn_partial_sums_kernel":
-        pointers = {"X": x, "DY": x, "SHIFT": acc, "PARTIAL_A": acc, "PARTIAL_B": acc}
-        sizes = ("P", "C", "S", "positions_per_program")
-    else:
-        pointers = {"X": x, "DY": x, "OUT": x, "MEAN": acc, "COEF_X": acc, "COEF_DY": acc, "COEF_ONE": acc}
-        sizes = ("P", "C", "S")
-    unit = "s" if layout == "contiguous" else "c"
-    # without dy the launcher passes x in its place with strides (0, 0, 0)
-    ones = {f"s{t}_{unit}": 1 for t in tensors if t != "dy" or has_dy}
-    ints = [name for name in (*sizes, *(f"s{t}_{d}" for t in tensors for d in "ncs")) if name not in ones]
-    signature = {name: f"*{ty}" for name, ty in pointers.items()}
-    signature.update({name: "i32" for name in ints})
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.batch_norm", kernel, signature,
-                           dict(HAS_DY=has_dy, BLOCK_P=64, BLOCK_C=32, **ones), num_warps=4, div16=tuple(ints))
-
-
-BN_AOT_CASES = [
-    *(_bn_aot_case(f"stats-{x}", "_bn_partial_sums_kernel", x, has_dy=False) for x in ("fp32", "bf16", "fp16", "fp64")),
-    _bn_aot_case("stats-fp32-channels_last", "_bn_partial_sums_kernel", "fp32", has_dy=False, layout="channels_last"),
-    *(_bn_aot_case(f"bwd_reduce-{x}", "_bn_partial_sums_kernel", x, has_dy=True) for x in ("fp32", "bf16", "fp64")),
-    _bn_aot_case("bwd_reduce-bf16-channels_last", "_bn_partial_sums_kernel", "bf16", has_dy=True,
-                 layout="channels_last"),
-    *(_bn_aot_case(f"apply-{x}", "_bn_affine_kernel", x, has_dy=False) for x in ("fp32", "bf16", "fp16", "fp64")),
-    _bn_aot_case("apply-fp16-channels_last", "_bn_affine_kernel", "fp16", has_dy=False, layout="channels_last"),
-    *(_bn_aot_case(f"bwd_apply-{x}", "_bn_affine_kernel", x, has_dy=True) for x in ("fp32", "bf16", "fp64")),
-    _bn_aot_case("bwd_apply-fp32-channels_last", "_bn_affine_kernel", "fp32", has_dy=True, layout="channels_last"),
-]
-
-
-@pytest.fixture(scope="module")
-def bn_aot_ptx():
-    return triton_aot.compile_ptx(BN_AOT_CASES)
-
-
-@pytest.mark.parametrize("case", BN_AOT_CASES, ids=str)
-def test_triton_kernel_compiles_for_a_gpu(bn_aot_ptx, case):
-    """The interpreter accepts code a GPU compile rejects: every variant compiles for sm_90,
-    no GPU needed (tests/triton_aot.py), and reads x (and dy) 16 bytes at a time along the
-    unit stride; apply writes its output so too."""
-    ptx = triton_aot.ptx_of(bn_aot_ptx, case)
-    assert triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True), "no 16-byte loads of x"
-    if case.kernel == "_bn_affine_kernel":
-        stores = triton_aot.global_accesses(ptx, "st")
-        assert stores == triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), stores

@@ -12,7 +12,6 @@ import fastreg
 from fastreg import _reference, _rng
 from fastreg.ops.dropout import DROPOUT
 from fastreg import functional as F
-from tests import triton_aot
 from tests.conftest import GPU, KERNEL_BACKENDS, needs_gpu, skip_unless_runs
 
 # (atol, rtol) of an output against the float64 reference computed from the same rounded
@@ -62,12 +61,14 @@ def test_drop_threshold_is_p_times_2_pow_32():
 
 
 @pytest.mark.parametrize("offset", [0, 2**31 - 4, 2**32 - 4, 2**40 + 8])
-@pytest.mark.parametrize("inner", [1, 3])
+@pytest.mark.parametrize("inner", [1, 3, 700, 2048, 3000])
 def test_masks_bitwise_identical_across_backends(kernel_backend, offset, inner):
     """Same seed and offset: the kernels' masks equal the torch reference bit for bit.
 
     Offsets past 2**31 and 2**32 exercise the 64-bit stream positions (what an element
-    past index 2**31 of a giant tensor would draw) without allocating one.
+    past index 2**31 of a giant tensor would draw) without allocating one. Group sizes
+    below and from the Triton block (2048 elements) on take its two ways of finding an
+    element's group: several groups per block, and at most two.
     """
     name, device = kernel_backend
     numel = 4103  # a partial Triton block and a partial Philox group
@@ -76,7 +77,8 @@ def test_masks_bitwise_identical_across_backends(kernel_backend, offset, inner):
     out = DROPOUT[name](ones, seed, 0.3, offset, inner)
     expected = _reference.keep_mask((numel,), seed, 0.3, offset, inner)
     assert torch.equal(out != 0, expected)
-    assert 0.25 < (out == 0).float().mean() < 0.35
+    if inner <= 3:  # enough draws for the rate to show
+        assert 0.25 < (out == 0).float().mean() < 0.35
 
 
 def test_triton_and_cpp_kernels_agree_bitwise():
@@ -84,12 +86,14 @@ def test_triton_and_cpp_kernels_agree_bitwise():
     skip_unless_runs("cpu")
     if skip_unless_runs("triton") != "cpu":
         pytest.skip("triton runs CUDA tensors here; the CUDA comparison is the test above")
-    x = _input((5, 409), torch.float32, "cpu")
-    bias, residual = _input((409,), torch.float32, "cpu"), _input((5, 409), torch.float32, "cpu")
-    for args in ((0.3,), (0.5, 2**33, 7), (0.25, 0, 1, bias, residual)):
-        triton_out = DROPOUT["triton"](x, _seeded(99, "cpu"), *args)
-        cpp_out = DROPOUT["cpu"](x, _seeded(99, "cpu"), *args)
-        assert torch.equal(triton_out, cpp_out)
+    # bias columns: odd (409), aligned runs of 4 (512), and past the Triton block (4100)
+    for columns in (409, 512, 4100):
+        x = _input((5, columns), torch.float32, "cpu")
+        bias, residual = _input((columns,), torch.float32, "cpu"), _input((5, columns), torch.float32, "cpu")
+        for args in ((0.3,), (0.5, 2**33, 7), (0.25, 0, 1, bias, residual)):
+            triton_out = DROPOUT["triton"](x, _seeded(99, "cpu"), *args)
+            cpp_out = DROPOUT["cpu"](x, _seeded(99, "cpu"), *args)
+            assert torch.equal(triton_out, cpp_out)
 
 
 @pytest.mark.parametrize("p", [0.1, 1 / 3, 0.5, 0.9])
@@ -467,73 +471,3 @@ def test_torch_compile_inplace_inference(backend):
     keep = y != 0
     assert 0 < keep.sum() < keep.numel()
     torch.testing.assert_close(y, x * keep * 2.0)
-
-
-def test_triton_kernel_files_import_only_torch_and_triton():
-    """Each file of triton_kernels/ can be vendored: it imports torch, triton and the stdlib only."""
-    import ast
-    import pathlib
-    import sys
-
-    folder = pathlib.Path(__file__).resolve().parent.parent / "triton_kernels"
-    files = sorted(folder.glob("*.py"))
-    assert files
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                roots = {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                roots = {(node.module or "").split(".")[0]} if node.level == 0 else {"<relative>"}
-            else:
-                continue
-            allowed = {"torch", "triton"} | set(sys.stdlib_module_names)
-            assert roots <= allowed, f"{path.name} imports {roots - allowed}"
-
-
-# ------------------------------------------------------ ahead-of-time compile for a GPU
-# Every constexpr variant the launcher (triton_kernels/dropout.py: dropout) uses, with the
-# argument types it passes: x, out, bias, residual share x's dtype (functional.dropout_add
-# checks it); offset and threshold are i32 for the usual small values and i64 past 2**31;
-# scale_bits (the bits of a float64) is i64; n_elements is i64 past 2**31 elements.
-
-
-def _dropout_aot_case(case_id, dtype, *, bias=False, residual=False, grouped=False, big=False):
-    ints = "i64" if big else "i32"
-    signature = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "seed_ptr": "*i64", "bias_ptr": f"*{dtype}",
-                 "residual_ptr": f"*{dtype}", "n_elements": ints, "bias_numel": "i32", "offset": ints,
-                 "threshold": ints, "scale_bits": "i64", "inner": "i32"}
-    constexprs = dict(HAS_BIAS=bias, HAS_RESIDUAL=residual, GROUPED=grouped,
-                      ACC_DTYPE=triton_aot.dtype("fp64" if dtype == "fp64" else "fp32"), BLOCK=2048)
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.dropout", "_dropout_kernel", signature, constexprs,
-                           num_warps=4, div16=("n_elements",))
-
-
-DROPOUT_AOT_CASES = [
-    *(_dropout_aot_case(f"dropout-{dtype}", dtype) for dtype in ("fp32", "bf16", "fp16", "fp64")),
-    _dropout_aot_case("dropout-fp32-int64_sizes", "fp32", big=True),
-    _dropout_aot_case("channel_dropout-fp32", "fp32", grouped=True),
-    _dropout_aot_case("drop_path-bf16-int64_sizes", "bf16", grouped=True, big=True),
-    _dropout_aot_case("dropout_add-fp32", "fp32", residual=True),
-    _dropout_aot_case("dropout_add-bias-bf16", "bf16", bias=True, residual=True),
-    _dropout_aot_case("dropout_add-bias-fp64", "fp64", bias=True, residual=True),
-]
-
-
-@pytest.fixture(scope="module")
-def dropout_aot_ptx():
-    return triton_aot.compile_ptx(DROPOUT_AOT_CASES)
-
-
-@pytest.mark.parametrize("case", DROPOUT_AOT_CASES, ids=str)
-def test_triton_kernel_compiles_for_a_gpu(dropout_aot_ptx, case):
-    """The interpreter accepts code a GPU compile rejects (the Philox constants were module
-    globals): every variant compiles for sm_90, no GPU needed (tests/triton_aot.py). The
-    contiguous accesses (all but the seed and the bias, gathered by column) are 16 bytes wide."""
-    ptx = triton_aot.ptx_of(dropout_aot_ptx, case)
-    loads, stores = triton_aot.global_accesses(ptx, "ld"), triton_aot.global_accesses(ptx, "st")
-    wide_loads = triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True)
-    assert stores and stores == triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), stores
-    streams = 1 + case.constexprs["HAS_RESIDUAL"]  # x, residual
-    assert len(wide_loads) == streams * len(stores), loads
-    if not case.constexprs["HAS_BIAS"]:
-        assert len(loads) == len(wide_loads) + 1, loads  # + the seed

@@ -1,7 +1,7 @@
 """GroupNorm (+ SiLU) and InstanceNorm 1d/2d/3d against torch on every backend: outputs and
 all gradients over shapes and layouts, dtypes, determinism, a large mean, errors, opcheck,
 gradcheck, torch.compile, the modules as drop-ins, InstanceNorm training steps then eval,
-and every Triton kernel variant compiled ahead of time for sm_90 (no GPU needed)."""
+and the Triton launchers' splits of S. The kernels' sm_90 compile: tests/test_triton_aot.py."""
 
 import inspect
 import re
@@ -14,7 +14,6 @@ import torch.nn.functional as torch_F
 import fastreg
 from fastreg.ops.group_norm import GN_FWD
 from fastreg import functional as F
-from tests import triton_aot
 from tests.conftest import GPU, skip_unless_runs
 
 # Per-dtype tolerances against torch (same dtype). dweight / dbias sum N * S values per
@@ -146,9 +145,11 @@ def _low_precision_close(ours_all, torch_all, ref_all, dtype, names=("y", "dx", 
             f"{what}: error {ours_error:.3g} vs torch's {torch_error:.3g}")
 
 
-# (shape, groups): channels-last chunks of whole groups in Triton (D a power of two):
-# D = 8 with odd S (fp32: 2 chunks of 4 groups, bf16: 1 of 8), and D = 1 (32 groups a chunk)
-CHUNK_SHAPES = {"C=64,G=8,7x5": ((2, 64, 7, 5), 8), "C=32,G=32,3x3": ((2, 32, 3, 3), 32)}
+# (shape, groups): channels-last chunks of whole groups in Triton: D = 8 with odd S (fp32:
+# 2 chunks of 4 groups, bf16: 1 of 8), D = 1 (32 groups a chunk), and D = 10 (the lanes
+# past a chunk's 4 or 8 groups masked)
+CHUNK_SHAPES = {"C=64,G=8,7x5": ((2, 64, 7, 5), 8), "C=32,G=32,3x3": ((2, 32, 3, 3), 32),
+                "C=80,G=8,3x5": ((2, 80, 3, 5), 8)}
 
 
 @pytest.mark.parametrize("shape", list(CHUNK_SHAPES))
@@ -159,9 +160,8 @@ def test_channels_last_chunks(backend, shape, dtype):
     name, device = backend
     shape, groups = CHUNK_SHAPES[shape]
     if name == "triton":  # the shapes do exercise the chunk kernels
-        from fastreg.triton_kernels.group_norm import _blocks
-        D, S = shape[1] // groups, shape[2] * shape[3]
-        assert _blocks(shape[1], D, S, 1, dtype.itemsize, torch.device(device))[0] == "chunk"
+        from fastreg.triton_kernels.group_norm import _tiles
+        assert _tiles(shape[1], groups, shape[2] * shape[3], 1, dtype.itemsize, torch.device(device))[0] == "chunk"
     x = _input(shape, torch.channels_last, device=device, dtype=dtype)
     grad = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     for affine in ("weight+bias", "none"):
@@ -210,12 +210,14 @@ def test_statistics_stable_for_large_means(backend):
         torch.testing.assert_close(y.double(), torch_F.group_norm(x.double(), 2), atol=1e-4, rtol=0)
 
 
-# ------------------------------------------------- Triton: S split into pieces (interpreter)
-# gn_fwd / gn_bwd split S into SPLITS pieces where a launch has too few programs for a GPU
-# (_plan); splits=k forces k. S = 7 x 5 is no multiple of SPLITS * BLOCK_S. family ->
-# (shape, groups, memory format): per group (contiguous, D = 2) and per chunk of whole
-# groups (channels-last, D = 8).
-SPLIT_SHAPES = {"group": ((2, 6, 7, 5), 3, torch.contiguous_format), "chunk": ((2, 64, 7, 5), 8, torch.channels_last)}
+# ------------------------------------------------- Triton: S in splits (interpreter)
+# gn_fwd / gn_bwd split S into SPLITS ranges where a launch has too few programs for a GPU
+# (_plan); splits=k forces k. S = 7 x 5 is no multiple of SPLITS * BLOCK_S. name ->
+# (shape, groups, memory format, family): per group (contiguous, D = 2) and per chunk of
+# whole groups (channels-last, D = 8, and D = 10 with masked lanes).
+SPLIT_SHAPES = {"group": ((2, 6, 7, 5), 3, torch.contiguous_format, "group"),
+                "chunk": ((2, 64, 7, 5), 8, torch.channels_last, "chunk"),
+                "chunk-D=10": ((2, 40, 7, 5), 4, torch.channels_last, "chunk")}
 
 
 def _triton_gn():
@@ -235,20 +237,21 @@ def _split_run(gn, x, groups, w, b, silu, dy, splits):
 def _split_plan(gn, x, groups, splits):
     N, C = x.shape[:2]
     x3 = x.flatten(2)
-    return gn._plan(N, C, C // groups, x3.shape[2], x3.stride(1), x.element_size(), x.device, splits=splits)
+    return gn._plan(N, C, groups, x3.shape[2], x3.stride(1), x.element_size(), x.device, splits=splits)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_split_launches_match_torch(family, splits, dtype):
-    """Forward and backward with S in 1, 2 or 3 pieces: every piece's partials merged (a
+def test_triton_split_launches_match_torch(case, splits, dtype):
+    """Forward and backward with S in 1, 2 or 3 splits: every split's partials merged (a
     dropped one fails), with and without weight / bias and SiLU, against torch."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, family = SPLIT_SHAPES[case]
     x = _input(shape, memory_format, dtype=dtype)
     dy = torch.randn(shape).to(dtype).contiguous(memory_format=memory_format)
-    assert _split_plan(gn, x, groups, splits)[0] == family and _split_plan(gn, x, groups, splits)[3] == splits
+    plan = _split_plan(gn, x, groups, splits)
+    assert plan.family == family and plan.splits == splits
     for affine in ("weight+bias", "none"):
         w, b = _params(shape[1], *AFFINE[affine], "cpu", dtype)
         for silu in (False, True):
@@ -269,14 +272,14 @@ def test_triton_split_launches_match_torch(family, splits, dtype):
             _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
-def test_triton_split_statistics_stable_for_large_means(family):
-    """Mean 1e3, unit variance, float32, S in 3 pieces: the merged mean and rstd stay those
-    of float64 on the same input (per-piece mean and M2, Chan's merge)."""
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
+def test_triton_split_statistics_stable_for_large_means(case):
+    """Mean 1e3, unit variance, float32, S in 3 splits: the merged mean and rstd stay those
+    of float64 on the same input (per-split mean and M2, merged shifted by split 0's mean)."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, _ = SPLIT_SHAPES[case]
     x = (torch.randn(shape, dtype=torch.float64) + 1e3).float().contiguous(memory_format=memory_format)
-    assert _split_plan(gn, x, groups, 3)[3] == 3
+    assert _split_plan(gn, x, groups, 3).splits == 3
     y, mean, rstd = gn.gn_fwd(x.flatten(2), None, None, groups, 1e-5, False, splits=3)
     exact = x.double().reshape(shape[0], groups, -1)
     torch.testing.assert_close(mean.double(), exact.mean(-1), rtol=1e-7, atol=0)
@@ -284,16 +287,40 @@ def test_triton_split_statistics_stable_for_large_means(family):
     torch.testing.assert_close(y.view_as(x).double(), torch_F.group_norm(x.double(), groups), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", list(SPLIT_SHAPES))
-def test_triton_split_launches_are_deterministic(family):
-    """Two runs with S in 3 pieces: bitwise the same outputs, statistics and gradients."""
+@pytest.mark.parametrize("case", list(SPLIT_SHAPES))
+def test_triton_split_launches_are_deterministic(case):
+    """Two runs with S in 3 splits: bitwise the same outputs, statistics and gradients."""
     gn = _triton_gn()
-    shape, groups, memory_format = SPLIT_SHAPES[family]
+    shape, groups, memory_format, _ = SPLIT_SHAPES[case]
     x = _input(shape, memory_format)
     w, b = _params(shape[1], True, True, "cpu")
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     runs = [_split_run(gn, x, groups, w, b, True, dy, 3) for _ in range(2)]
     assert all(torch.equal(first, second) for first, second in zip(*runs))
+
+
+@pytest.mark.parametrize("family", ["group", "chunk"])
+def test_triton_group_value_counts_are_64_bit(family):
+    """A group of D = 2 channels x S = 2^30 positions holds 2^31 values, past int32: the
+    apply kernel divides the merged M2 by the count D * S taken in 64 bits (in 32 bits it
+    wraps to -2^31 and rstd is NaN). x is one value broadcast (strides 0): no memory is
+    spent, and the kernel walks one tile of one split, the partials given."""
+    gn = _triton_gn()
+    D, S = 2, 2**30
+    if family == "group":
+        x = torch.zeros(1).expand(1, D, S)
+        kernel, tile = gn._gn_apply_kernel, dict(BLOCK_D=2, stride_c=x.stride(1))
+    else:  # channels adjacent: strides (0, 1, 0)
+        x = torch.zeros(D).expand(1, S, D).transpose(1, 2)
+        kernel, tile = gn._gn_chunk_apply_kernel, dict(GROUPS=1, BLOCK_C=2)
+    y = torch.zeros(D).expand(1, S, D).transpose(1, 2) if family == "chunk" else torch.zeros(1).expand(1, D, S)
+    mean, rstd = torch.zeros(1, 1), torch.zeros(1, 1)
+    part_mean, part_m2 = torch.zeros(1), torch.full((1,), 2.0**31)  # M2 = 2^31: the variance is 1
+    args = dict(X=x, Y=y, W=mean, B=mean, MEAN=mean, RSTD=rstd, PART_MEAN=part_mean, PART_M2=part_m2, S=S, D=D, G=1,
+                SPLITS=1, TILES_PER_SPLIT=1, eps=0.0, stride_n=x.stride(0), stride_s=x.stride(2), HAS_WEIGHT=False,
+                HAS_BIAS=False, SILU=False, BLOCK_S=16, SPLIT_BLOCK=1, **tile)
+    kernel[(1, 1)](**{name: args[name] for name in kernel.arg_names})
+    assert rstd.item() == 1.0
 
 
 def test_triton_interpreter_splits_the_small_test_shapes():
@@ -303,10 +330,10 @@ def test_triton_interpreter_splits_the_small_test_shapes():
     for case, family in (("wide", "group"), ("chunks-channels_last", "chunk")):
         shape, groups, memory_format, _ = CASES[case]
         plan = _split_plan(gn, _input(shape, memory_format), groups, None)
-        assert plan[0] == family and plan[3] > 1, (case, plan)
+        assert plan.family == family and plan.splits > 1, (case, plan)
     shape, groups = CHUNK_SHAPES["C=64,G=8,7x5"]
     plan = _split_plan(gn, _input(shape, torch.channels_last, dtype=torch.bfloat16), groups, None)
-    assert plan[0] == "chunk" and plan[3] > 1, plan
+    assert plan.family == "chunk" and plan.splits > 1, plan
 
 
 def _raised(call):
@@ -524,219 +551,3 @@ def test_torch_compile_fullgraph(backend):
     reference.eval()
     x = torch.randn(2, 3, 6, 6, device=device)
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), reference(x), atol=1e-5, rtol=1e-4)
-
-
-# ------------------------------------------------------ ahead-of-time compile for a GPU
-# The kernels of triton_kernels/group_norm.py in every variant gn_fwd / gn_bwd launch:
-# SILU, HAS_WEIGHT, HAS_BIAS (bias without weight too: torch allows it), x / y / dy / dx in
-# fp32, bf16, fp16 or fp64; W, B, MEAN, RSTD, the partials and the sums in the accumulate
-# dtype (fp64 for fp64 inputs, else fp32: the launcher converts the parameters, and passes
-# MEAN in place of an absent one); sizes and strides i32, specialized as a launch does:
-# an integer equal to 1 (a unit stride, D of InstanceNorm, TILES_PER_SPLIT 1) becomes the
-# constexpr 1, one divisible by 16 is marked so. The kernels, tiles and splits are those
-# `_plan` gives on an H100 (132 SMs: a target of 4 * 132 = 528 programs; tile of 2048) for
-# these shapes (N, C, G, S); a split launch is two kernels each way (stats + apply
-# forward, grad sums + dx backward), an unsplit one the one-kernel path:
-#   "sd":        N=2,  C=320, G=32 (D=10) at 64 x 64: per group in both layouts (D not a power of two)
-#   "d16-8x8":   N=2,  C=512, G=32 (D=16) at 8 x 8: small, unsplit
-#   "instance":  N=2,  C=64,  G=64 (D=1)  at 64 x 64
-#   "cl-d8":     N=16, C=256, G=32 (D=8)  at 32 x 32, channels-last only (an issue shape)
-#   "d16-64x64": N=2,  C=512, G=32 (D=16) at 64 x 64, both layouts (issue shapes)
-
-GN_AOT_SHAPES = {  # name -> (N, C, G, S)
-    "sd": (2, 320, 32, 4096),
-    "d16-8x8": (2, 512, 32, 64),
-    "instance": (2, 64, 64, 4096),
-    "cl-d8": (16, 256, 32, 1024),
-    "d16-64x64": (2, 512, 32, 4096),
-}
-GN_AOT_CHANNELS_LAST_ONLY = ("cl-d8",)
-GN_AOT_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
-GN_H100_PROGRAMS = 4 * 132  # _split_targets on an H100: 4 programs per SM
-# (shape, layout) -> the plan for every dtype, or {dtype: plan}; a plan is `_plan`'s
-# (family, BLOCK_D or BLOCK_C, BLOCK_S, SPLITS, TILES_PER_SPLIT). Per group the tile does
-# not depend on the dtype; a chunk is 128 bytes of each row (fp64 fewer: 16 channels).
-GN_AOT_PLANS = {
-    ("sd", "contiguous"): ("group", 8, 256, 16, 1),
-    ("sd", "channels_last"): ("group", 8, 256, 16, 1),
-    ("d16-8x8", "contiguous"): ("group", 16, 64, 1, 1),
-    ("d16-8x8", "channels_last"): {"fp32": ("chunk", 32, 64, 1, 1), "bf16": ("chunk", 64, 32, 1, 2),
-                                   "fp16": ("chunk", 64, 32, 1, 2), "fp64": ("chunk", 16, 64, 1, 1)},
-    ("instance", "contiguous"): ("group", 1, 512, 8, 1),
-    ("instance", "channels_last"): {"fp32": ("chunk", 32, 16, 256, 1), "bf16": ("chunk", 64, 8, 512, 1),
-                                    "fp16": ("chunk", 64, 8, 512, 1), "fp64": ("chunk", 16, 32, 128, 1)},
-    ("cl-d8", "channels_last"): {"fp32": ("chunk", 32, 64, 6, 3), "bf16": ("chunk", 64, 32, 11, 3),
-                                 "fp16": ("chunk", 64, 32, 11, 3), "fp64": ("chunk", 16, 128, 4, 2)},
-    ("d16-64x64", "contiguous"): ("group", 8, 256, 16, 1),
-    ("d16-64x64", "channels_last"): {"fp32": ("chunk", 32, 64, 22, 3), "bf16": ("chunk", 64, 32, 43, 3),
-                                     "fp16": ("chunk", 64, 32, 43, 3), "fp64": ("chunk", 16, 128, 11, 3)},
-}
-# The issue's bf16 shapes, (shape, layout) -> programs per launch before (one per unit)
-# and after the split (units x SPLITS); 528 = 4 programs on each of an H100's 132 SMs:
-#   (2, 512, 64x64) channels-last: 2 x 8 chunks of 64 channels = 16; 4096 / 32 = 128 tiles,
-#       128 // ceil(528 / 16) = 3 a split: 43 splits, 16 x 43 = 688
-#   (16, 256, 32x32) channels-last: 16 x 4 chunks = 64; 1024 / 32 = 32 tiles, 32 // 9 = 3 a
-#       split: 11 splits, 64 x 11 = 704
-#   (2, 512, 64x64) contiguous: 2 x 32 groups = 64; tiles of 8 channels x 256 positions
-#       (was 1 x 2048): 4096 / 256 = 16 tiles, 1 a split: 16 splits, 64 x 16 = 1024
-GN_ISSUE_PROGRAMS = {
-    ("d16-64x64", "channels_last"): (16, 688),
-    ("cl-d8", "channels_last"): (64, 704),
-    ("d16-64x64", "contiguous"): (64, 1024),
-}
-
-
-def _gn_aot_layouts(shape):
-    return ("channels_last",) if shape in GN_AOT_CHANNELS_LAST_ONLY else ("contiguous", "channels_last")
-
-
-def _gn_aot_plan(shape, layout, x):
-    plan = GN_AOT_PLANS[shape, layout]
-    return plan[x] if isinstance(plan, dict) else plan
-
-
-def test_triton_aot_plans_are_the_launchers():
-    """The cases compile the kernel family, tiles and splits gn_fwd / gn_bwd launch on an
-    H100 for those shapes (_plan: the one place that picks them), and the issue's shapes
-    get at least 4 programs per SM of its 132 (the one-kernel path gave them 16 to 64)."""
-    from fastreg.triton_kernels.group_norm import _blocks, _plan
-
-    cuda = torch.device("cuda")
-    for name, (N, C, G, S) in GN_AOT_SHAPES.items():
-        for layout in _gn_aot_layouts(name):
-            stride_c = 1 if layout == "channels_last" else S
-            for x, itemsize in GN_AOT_ITEMSIZE.items():
-                plan = _plan(N, C, C // G, S, stride_c, itemsize, cuda, target_programs=GN_H100_PROGRAMS)
-                assert plan == _gn_aot_plan(name, layout, x), (name, layout, x)
-                family, block, _, splits, _ = plan
-                units = N * (C // block if family == "chunk" else G)
-                if splits > 1:  # enough programs, else S has too few tiles
-                    assert units * splits >= GN_H100_PROGRAMS, (name, layout, x)
-                if (name, layout) in GN_ISSUE_PROGRAMS and x == "bf16":
-                    kind, block, _ = _blocks(C, C // G, S, stride_c, itemsize, cuda)
-                    before = N * (C // block if kind == "chunk" else G)
-                    assert (before, units * splits) == GN_ISSUE_PROGRAMS[name, layout], (name, layout)
-                    assert units * splits >= GN_H100_PROGRAMS
-
-
-# kernel -> (pointers in x's dtype, pointers in the accumulate dtype, scalars): the
-# arguments besides the constexprs, in order
-GN_AOT_KERNELS = {
-    "_gn_fwd_kernel": ("X Y", "W B MEAN RSTD", "S D G eps stride_n stride_c stride_s"),
-    "_gn_bwd_kernel": ("X DY DX", "W B MEAN RSTD SUM_G SUM_GXHAT", "C S D G stride_n stride_c stride_s"),
-    "_gn_stats_kernel": ("X", "PART_MEAN PART_M2", "S D G TILES_PER_SPLIT stride_n stride_c stride_s"),
-    "_gn_apply_kernel": ("X Y", "W B MEAN RSTD PART_MEAN PART_M2",
-                         "S D G SPLITS TILES_PER_SPLIT eps stride_n stride_c stride_s"),
-    "_gn_grad_sums_kernel": ("X DY", "W B MEAN RSTD PART_G PART_GX",
-                             "C S D G TILES_PER_SPLIT stride_n stride_c stride_s"),
-    "_gn_dx_kernel": ("X DY DX", "W B MEAN RSTD PART_G PART_GX SUM_G SUM_GXHAT",
-                      "C S D G SPLITS TILES_PER_SPLIT stride_n stride_c stride_s"),
-    "_gn_chunk_fwd_kernel": ("X Y", "W B MEAN RSTD", "C S eps stride_n stride_s"),
-    "_gn_chunk_bwd_kernel": ("X DY DX", "W B MEAN RSTD SUM_G SUM_GXHAT", "C S stride_n stride_s"),
-    "_gn_chunk_stats_kernel": ("X", "PART_MEAN PART_M2", "C S TILES_PER_SPLIT stride_n stride_s"),
-    "_gn_chunk_apply_kernel": ("X Y", "W B MEAN RSTD PART_MEAN PART_M2",
-                               "C S SPLITS TILES_PER_SPLIT eps stride_n stride_s"),
-    "_gn_chunk_grad_sums_kernel": ("X DY", "W B MEAN RSTD PART_G PART_GX", "C S TILES_PER_SPLIT stride_n stride_s"),
-    "_gn_chunk_dx_kernel": ("X DY DX", "W B MEAN RSTD PART_G PART_GX SUM_G SUM_GXHAT",
-                            "C S SPLITS TILES_PER_SPLIT stride_n stride_s"),
-}
-# (direction, split) -> the kernels launched, by family prefix ("_gn_" or "_gn_chunk_")
-GN_AOT_LAUNCHES = {("fwd", False): ("fwd",), ("bwd", False): ("bwd",), ("fwd", True): ("stats", "apply"),
-                   ("bwd", True): ("grad_sums", "dx")}
-
-
-def _gn_aot_case(step, x, *, layout="contiguous", shape="sd", silu=True, weight=True, bias=True):
-    """The compile of kernel `step` ("fwd", "stats", "dx", ...) of the family `_plan` picks."""
-    acc = "fp64" if x == "fp64" else "fp32"
-    N, C, G, S = GN_AOT_SHAPES[shape]
-    family, block, block_s, splits, per_split = _gn_aot_plan(shape, layout, x)
-    kernel = f"_gn_chunk_{step}_kernel" if family == "chunk" else f"_gn_{step}_kernel"
-    x_pointers, acc_pointers, scalars = (names.split() for names in GN_AOT_KERNELS[kernel])
-    signature = {name: f"*{x}" for name in x_pointers} | {name: f"*{acc}" for name in acc_pointers}
-    strides = dict(stride_n=C * S, stride_c=S, stride_s=1) if layout == "contiguous" else \
-        dict(stride_n=C * S, stride_c=1, stride_s=C)
-    values = dict(C=C, S=S, D=C // G, G=G, SPLITS=splits, TILES_PER_SPLIT=per_split, **strides)
-    ones = {name: 1 for name in scalars if values.get(name) == 1}  # a launch specializes them
-    signature.update({name: "fp32" if name == "eps" else "i32" for name in scalars if name not in ones})
-    flags = dict(HAS_WEIGHT=weight, HAS_BIAS=bias, SILU=silu) if step != "stats" else {}
-    tile = dict(D=C // G, BLOCK_C=block) if family == "chunk" else dict(BLOCK_D=block)
-    constexprs = dict(flags, **tile, BLOCK_S=block_s, **ones)
-    div16 = tuple(name for name in scalars if name not in ones and name != "eps" and values[name] % 16 == 0)
-    affine = {(True, True): "weight+bias", (True, False): "weight", (False, True): "bias", (False, False): "none"}
-    variant = ("silu" if silu else "plain", affine[weight, bias]) if step != "stats" else ()
-    case_id = "-".join((step, x, layout, shape, *variant))
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.group_norm", kernel, signature, constexprs,
-                           num_warps=4, div16=div16)
-
-
-GN_AOT_CASES = [
-    *(_gn_aot_case(step, x, layout=layout, shape=shape, silu=silu, weight=weight, bias=bias)
-      for direction in ("fwd", "bwd")
-      for x in ("fp32", "bf16", "fp16", "fp64")
-      for shape in GN_AOT_SHAPES
-      for layout in _gn_aot_layouts(shape)
-      for step in GN_AOT_LAUNCHES[direction, _gn_aot_plan(shape, layout, x)[3] > 1]
-      for silu in (True, False)
-      for weight, bias in ((True, True), (True, False), (False, True), (False, False))
-      # every flag combination in fp32; the other dtypes with the default module's flags;
-      # the stats kernels take no flags
-      if (x == "fp32" or (weight and bias))
-      and (step != "stats" or (silu and weight and bias))),
-]
-
-
-def _gn_vector_access(case):
-    """Whether the tile's fast axis is contiguous in memory and 16-byte aligned, so that
-    x (and dy) load, and y (dx) store, 16 bytes at a time: along S in a contiguous input
-    (per-group kernels); along C in a channels-last one, in the chunk kernels wherever a
-    chunk row is 16 bytes or more and C and the strides are divisible by 16 (rows read
-    unmasked), and in the per-group kernels only where a tile spans 16 channels of a group
-    whose first channel is aligned (D divisible by 16)."""
-    if case.kernel.startswith("_gn_chunk_"):
-        itemsize = GN_AOT_ITEMSIZE[case.signature["X"].lstrip("*")]
-        aligned = {"C", "stride_n", "stride_s"} <= set(case.div16)
-        return aligned and case.constexprs["BLOCK_C"] * itemsize >= 16
-    if "stride_s" in case.constexprs:
-        return True
-    return case.constexprs["BLOCK_D"] >= 16 and "D" in case.div16
-
-
-# kernel step -> (tile loads, tile stores): x read in 3 passes and y written once by the
-# one-kernel forward, x and dy read twice and dx written once by the one-kernel backward;
-# split: x read twice (stats), x read and y written (apply), x and dy read (grad sums), x
-# and dy read and dx written (dx)
-GN_TILE_PASSES = {"fwd": (3, 1), "bwd": (4, 1), "stats": (2, 0), "apply": (1, 1), "grad_sums": (2, 0), "dx": (2, 1)}
-
-
-def _gn_tile_vector_accesses(case):
-    """(loads, stores): the 16-byte accesses a kernel has at least where all its tile
-    accesses are 16 bytes: each tile spread over the 32 * num_warps threads, times the
-    kernel's passes (GN_TILE_PASSES). A count, not "any": the parameters' loads and the
-    sums' stores may be 16 bytes too."""
-    c = case.constexprs
-    tile_bytes = c["BLOCK_S"] * c.get("BLOCK_C", c.get("BLOCK_D")) * GN_AOT_ITEMSIZE[case.signature["X"].lstrip("*")]
-    per_thread = tile_bytes // (16 * 32 * case.num_warps)
-    step = case.kernel.removeprefix("_gn_").removeprefix("chunk_").removesuffix("_kernel")
-    loads, stores = GN_TILE_PASSES[step]
-    if step == "stats" and c.get("TILES_PER_SPLIT") == 1:
-        loads = 1  # a piece of one tile: the second pass reuses the first's loads
-    return loads * per_thread, stores * per_thread
-
-
-@pytest.fixture(scope="module")
-def gn_aot_ptx():
-    return triton_aot.compile_ptx(GN_AOT_CASES)
-
-
-@pytest.mark.parametrize("case", GN_AOT_CASES, ids=str)
-def test_triton_kernel_compiles_for_a_gpu(gn_aot_ptx, case):
-    """The interpreter accepts code a GPU compile rejects: every variant compiles for sm_90,
-    no GPU needed (tests/triton_aot.py), and reads x (and dy) and writes y (dx) 16 bytes at
-    a time where the tile's fast axis is contiguous."""
-    ptx = triton_aot.ptx_of(gn_aot_ptx, case)
-    if _gn_vector_access(case):
-        loads, stores = _gn_tile_vector_accesses(case)
-        found = len(triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True))
-        assert found >= loads, f"{found} 16-byte loads, fewer than the {loads} of x (and dy) 16 bytes at a time"
-        found = len(triton_aot.global_accesses(ptx, "st", sixteen_bytes=True))
-        assert found >= stores, f"{found} 16-byte stores, fewer than the {stores} of the output 16 bytes at a time"

@@ -8,7 +8,6 @@ import fastreg
 from fastreg import _reference, _rng
 from fastreg.ops.norm import NORM_FWD
 from fastreg import functional as F
-from tests import triton_aot
 from tests.conftest import GPU
 
 # The relative rule: against a float32 reference computed from the same rounded input,
@@ -107,6 +106,47 @@ def test_rows_longer_than_the_chip_holds(backend, hidden, is_rms):
     inputs = [t for t in (x, weight, bias) if t is not None]
     for ours, theirs in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+# (hidden, dtype, dh, dropout) -> the Triton backward's plan (layer_norm._bwd_plan): the
+# row on chip in one part, in two parts, or looped (two passes per row, a second kernel
+# for dweight / dbias)
+BACKWARD_PLANS = {
+    (1000, torch.bfloat16, True, True): 1,
+    (12000, torch.bfloat16, False, False): 2,
+    (12000, torch.bfloat16, True, False): 2,
+    (12000, torch.bfloat16, False, True): 2,
+    (12000, torch.bfloat16, True, True): 0,
+    (12000, torch.float32, False, False): 0,
+}
+
+
+@pytest.mark.parametrize("plan", list(BACKWARD_PLANS), ids=lambda plan: "-".join(map(str, plan)).replace("torch.", ""))
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_triton_backward_plans_match_the_cpu_kernel(plan, is_rms):
+    """Each way the Triton backward walks a row gives the C++ CPU kernel's dx, dweight,
+    dbias and dropout(dx) (that kernel is checked against torch above)."""
+    from tests.conftest import skip_unless_runs
+
+    if skip_unless_runs("triton") != "cpu" or skip_unless_runs("cpu") != "cpu":
+        pytest.skip("compares the interpreted Triton kernel with the CPU kernel on the same CPU tensors")
+    from fastreg.triton_kernels import layer_norm
+
+    hidden, dtype, with_dh, with_dropout = plan
+    assert layer_norm._bwd_plan(hidden, dtype.itemsize, with_dh and with_dropout)[1] == BACKWARD_PLANS[plan]
+    rows = 3
+    x = (torch.randn(rows, hidden) * 2 + 0.5).to(dtype)
+    weight = torch.randn(hidden).to(dtype)
+    dy = torch.randn(rows, hidden).to(dtype)
+    dh = torch.randn(rows, hidden).to(dtype) if with_dh else None
+    seed = torch.tensor([1234], dtype=torch.int64) if with_dropout else None
+    p = 0.3 if with_dropout else 0.0
+    _, _, mean, rstd = torch.ops.fastreg.norm_fwd(x, weight, None, 1e-5, is_rms, None, None, 0.0, False, False)
+    ours = layer_norm.norm_bwd(dy, x, weight, mean, rstd, is_rms, not is_rms, dh, seed, p)
+    theirs = torch.ops.fastreg.norm_bwd(dy, x, weight, mean, rstd, is_rms, not is_rms, dh, seed, p)
+    for mine, expected in zip(ours, theirs):
+        assert mine.shape == expected.shape and mine.dtype == expected.dtype
+        torch.testing.assert_close(mine.float(), expected.float(), atol=ATOL[dtype] * 8, rtol=0.02)
 
 
 def test_statistics_stable_for_large_means(backend):
@@ -351,112 +391,3 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x, residual), block(x, residual))
     explanation = torch._dynamo.explain(block)(x, residual)
     assert explanation.graph_break_count == 0
-
-
-# ------------------------------------------------------ ahead-of-time compile for a GPU
-# Every constexpr variant the launchers (triton_kernels/layer_norm.py: norm_fwd, norm_bwd)
-# use, with the pointer types they pass: statistics (MEAN, RSTD, the partial sums) in the
-# accumulate dtype (fp64 for fp64 inputs, else fp32), weights in their own dtype (fp32
-# with low-precision x is allowed), h in residual's dtype or fp32 (residual_in_fp32), an
-# unused pointer in the dtype of the tensor passed in its place. BLOCK_N and num_warps as
-# _block_n chooses them: rows held on chip, and the looped path of long rows.
-
-_MAX_FUSED_BYTES = 65536  # triton_kernels/layer_norm.py
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
-
-
-def _norm_blocks(n, dtype):
-    """(BLOCK_N, SINGLE_PASS, num_warps) as layer_norm._block_n chooses them."""
-    block = 1 << (n - 1).bit_length()
-    if block <= _MAX_FUSED_BYTES // _BYTES[dtype]:
-        return block, True, min(max(block // 256, 1), 16)
-    return 4096, False, 8
-
-
-def _norm_fwd_aot_case(case_id, x, n, *, is_rms=False, w=None, b=None, res=None, dropout=False, h=None,
-                       store_h=True):
-    acc = "fp64" if x == "fp64" else "fp32"
-    fused = res is not None or dropout
-    h = h or res or x
-    block, single, warps = _norm_blocks(n, x)
-    signature = {"X": f"*{x}", "RES": f"*{res or x}", "W": f"*{w or x}", "B": f"*{b or x}", "Y": f"*{x}",
-                 "H": f"*{h}", "MEAN": f"*{acc}", "RSTD": f"*{acc}", "SEED": "*i64" if dropout else f"*{acc}",
-                 "N": "i32", "eps": "fp32", "threshold": "i32", "scale_bits": "i64"}
-    constexprs = dict(IS_RMS=is_rms, HAS_W=w is not None, HAS_B=b is not None, HAS_RES=res is not None,
-                      HAS_DROPOUT=dropout, FUSED=fused, STORE_H=fused and (store_h or not single),
-                      SINGLE_PASS=single, BLOCK_N=block)
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.layer_norm", "_norm_fwd_kernel", signature, constexprs,
-                           num_warps=warps, div16=("N",))
-
-
-def _norm_bwd_aot_case(case_id, x, n, *, is_rms=False, w=None, has_b=False, dh=False, dropout=False, dy=None):
-    acc = "fp64" if x == "fp64" else "fp32"
-    block, single, warps = _norm_blocks(n, x)
-    dy = dy or x  # dy is like y (x's dtype); the norm input x may be h, of another dtype
-    signature = {"DY": f"*{dy}", "X": f"*{x}", "W": f"*{w or x}", "MEAN": f"*{acc}", "RSTD": f"*{acc}",
-                 "DH": f"*{x if dh else dy}", "DX": f"*{x}", "DX_DROPOUT": f"*{x}",
-                 "SEED": "*i64" if dropout else f"*{acc}", "DW_PARTIAL": f"*{acc}", "DB_PARTIAL": f"*{acc}",
-                 "M": "i32", "N": "i32", "rows_per_program": "i32", "threshold": "i32", "scale_bits": "i64"}
-    constexprs = dict(IS_RMS=is_rms, HAS_W=w is not None, HAS_B=has_b, HAS_DH=dh, HAS_DROPOUT=dropout,
-                      SINGLE_PASS=single, BLOCK_N=block)
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.layer_norm", "_norm_bwd_kernel", signature, constexprs,
-                           num_warps=warps, div16=("N",))
-
-
-def _norm_bwd_weight_aot_case(case_id, x, *, is_rms=False, has_w=True, has_b=False, dy=None):
-    acc = "fp64" if x == "fp64" else "fp32"
-    signature = {"DY": f"*{dy or x}", "X": f"*{x}", "MEAN": f"*{acc}", "RSTD": f"*{acc}", "DW_PARTIAL": f"*{acc}",
-                 "DB_PARTIAL": f"*{acc}", "M": "i32", "N": "i32", "rows_per_program": "i32"}
-    constexprs = dict(IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, BLOCK_N=1024)
-    return triton_aot.Case(case_id, "fastreg.triton_kernels.layer_norm", "_norm_bwd_weight_kernel", signature,
-                           constexprs, num_warps=4, div16=("N",))
-
-
-NORM_AOT_CASES = [
-    # forward, rows on chip
-    _norm_fwd_aot_case("fwd-layer_norm-fp32", "fp32", 4096, w="fp32", b="fp32"),
-    _norm_fwd_aot_case("fwd-layer_norm-fp64", "fp64", 1024, w="fp64", b="fp64"),
-    _norm_fwd_aot_case("fwd-layer_norm-fp16-no_affine", "fp16", 768),
-    _norm_fwd_aot_case("fwd-rms_norm-bf16-fp32_weight", "bf16", 4096, is_rms=True, w="fp32"),
-    _norm_fwd_aot_case("fwd-prenorm-layer_norm-bf16", "bf16", 4096, w="bf16", b="bf16", res="bf16", dropout=True),
-    _norm_fwd_aot_case("fwd-prenorm-rms_norm-fp16-residual_in_fp32", "fp16", 2048, is_rms=True, w="fp16",
-                       res="fp16", dropout=True, h="fp32"),
-    _norm_fwd_aot_case("fwd-dropout_norm-rms_norm-bf16", "bf16", 1024, is_rms=True, w="bf16", dropout=True),
-    _norm_fwd_aot_case("fwd-add_norm-layer_norm-fp32-inference", "fp32", 1024, w="fp32", b="fp32", res="fp32",
-                       store_h=False),
-    # forward, looped (rows longer than the chip holds)
-    _norm_fwd_aot_case("fwd-looped-layer_norm-fp32", "fp32", 65536, w="fp32", b="fp32"),
-    _norm_fwd_aot_case("fwd-looped-prenorm-rms_norm-bf16", "bf16", 65536, is_rms=True, w="bf16", res="bf16",
-                       dropout=True, store_h=False),
-    _norm_fwd_aot_case("fwd-looped-prenorm-layer_norm-fp64", "fp64", 16384, w="fp64", b="fp64", res="fp64"),
-    # backward, rows on chip
-    _norm_bwd_aot_case("bwd-layer_norm-fp32", "fp32", 4096, w="fp32", has_b=True),
-    _norm_bwd_aot_case("bwd-layer_norm-fp64", "fp64", 1024, w="fp64", has_b=True),
-    _norm_bwd_aot_case("bwd-layer_norm-fp16-no_affine", "fp16", 768),
-    _norm_bwd_aot_case("bwd-rms_norm-bf16-fp32_weight", "bf16", 4096, is_rms=True, w="fp32"),
-    _norm_bwd_aot_case("bwd-prenorm-layer_norm-bf16", "bf16", 4096, w="bf16", has_b=True, dh=True, dropout=True),
-    _norm_bwd_aot_case("bwd-prenorm-rms_norm-residual_in_fp32", "fp32", 2048, is_rms=True, w="fp16", dh=True,
-                       dropout=True, dy="fp16"),
-    # backward, looped
-    _norm_bwd_aot_case("bwd-looped-layer_norm-fp32", "fp32", 65536, w="fp32", has_b=True, dh=True, dropout=True),
-    _norm_bwd_aot_case("bwd-looped-rms_norm-bf16", "bf16", 65536, is_rms=True, w="bf16"),
-    _norm_bwd_weight_aot_case("bwd_weight-layer_norm-fp32", "fp32", has_b=True),
-    _norm_bwd_weight_aot_case("bwd_weight-layer_norm-fp64", "fp64", has_b=True),
-    _norm_bwd_weight_aot_case("bwd_weight-rms_norm-bf16", "bf16", is_rms=True),
-    _norm_bwd_weight_aot_case("bwd_weight-layer_norm-fp16-bias_only", "fp16", has_w=False, has_b=True),
-]
-
-
-@pytest.fixture(scope="module")
-def norm_aot_ptx():
-    return triton_aot.compile_ptx(NORM_AOT_CASES)
-
-
-@pytest.mark.parametrize("case", NORM_AOT_CASES, ids=str)
-def test_triton_kernel_compiles_for_a_gpu(norm_aot_ptx, case):
-    """The interpreter accepts code a GPU compile rejects (the Philox constants were module
-    globals): every variant compiles for sm_90, no GPU needed (tests/triton_aot.py), and
-    reads and writes its rows 16 bytes at a time."""
-    ptx = triton_aot.ptx_of(norm_aot_ptx, case)
-    assert triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True), "no 16-byte row loads"
-    assert triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), "no 16-byte row stores"

@@ -12,6 +12,8 @@ are float32 (float64 for float64 inputs); the sums are of x - x[0, c, 0] (shifte
 one value of the channel), so a large mean costs no precision.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -30,11 +32,22 @@ def _tile(p_start, c_block, P, C, S, stride_n, stride_c, stride_s, BLOCK_P: tl.c
 
 @triton.jit
 def _bn_partial_sums_kernel(
-    X, DY, SHIFT, PARTIAL_A, PARTIAL_B, P, C, S, positions_per_program,
-    sx_n, sx_c, sx_s, sdy_n, sdy_c, sdy_s,
-    HAS_DY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,  # (N, C, S) strides (sx_n, sx_c, sx_s), x.dtype
+    DY,  # (N, C, S) strides (sdy_n, sdy_c, sdy_s), x.dtype; any pointer unless HAS_DY
+    SHIFT,  # (C,) ACC (float32; float64 for float64 x): x[0, c, 0] (statistics) or the mean (backward)
+    PARTIAL_A,  # (programs, C) out, ACC
+    PARTIAL_B,  # (programs, C) out, ACC
+    P,  # int: positions N * S
+    C,  # int: channels
+    S,  # int: positions per sample
+    positions_per_program,  # int: a multiple of BLOCK_P
+    sx_n, sx_c, sx_s,  # int: X's strides, in elements
+    sdy_n, sdy_c, sdy_s,  # int: DY's strides (0 without DY)
+    HAS_DY: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # positions per tile
+    BLOCK_C: tl.constexpr,  # channels per tile (grid axis 1: channel blocks)
 ):
-    """Per channel over this program's positions, with d = x - shift[c]:
+    """Program (pid, channel block): per channel over this program's positions, with d = x - shift[c]:
     statistics (no DY):  A = sum d,  B = sum d * d
     backward (DY):       A = sum dy, B = sum dy * d   (shift = mean)"""
     ACC: tl.constexpr = PARTIAL_A.dtype.element_ty
@@ -62,9 +75,22 @@ def _bn_partial_sums_kernel(
 
 @triton.jit
 def _bn_affine_kernel(
-    X, DY, OUT, MEAN, COEF_X, COEF_DY, COEF_ONE, P, C, S,
-    sx_n, sx_c, sx_s, sdy_n, sdy_c, sdy_s, so_n, so_c, so_s,
-    HAS_DY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    X,  # (N, C, S) strides (sx_n, sx_c, sx_s), x.dtype
+    DY,  # (N, C, S) strides (sdy_n, sdy_c, sdy_s), x.dtype; any pointer unless HAS_DY
+    OUT,  # (N, C, S) out, strides (so_n, so_c, so_s), x.dtype
+    MEAN,  # (C,) ACC (float32; float64 for float64 x)
+    COEF_X,  # (C,) ACC
+    COEF_DY,  # (C,) ACC; any pointer unless HAS_DY
+    COEF_ONE,  # (C,) ACC
+    P,  # int: positions N * S
+    C,  # int: channels
+    S,  # int: positions per sample
+    sx_n, sx_c, sx_s,  # int: X's strides, in elements
+    sdy_n, sdy_c, sdy_s,  # int: DY's strides (0 without DY)
+    so_n, so_c, so_s,  # int: OUT's strides
+    HAS_DY: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # positions per tile (grid axis 0)
+    BLOCK_C: tl.constexpr,  # channels per tile (grid axis 1)
 ):
     """out = (x - mean[c]) * coef_x[c] (+ dy * coef_dy[c]) + coef_one[c], per element:
     forward y (no DY), and backward dx (DY)."""
@@ -86,6 +112,20 @@ def _bn_affine_kernel(
 
 
 _BLOCK_C = 32
+
+
+_NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def _launch_device(tensor):
+    """The context a launch on `tensor` runs in: Triton launches on the current CUDA device,
+    so a tensor on another device makes its device current for the launch. Where it
+    already is (or for a CPU tensor, run by the interpreter) no context is entered: a
+    shared no-op one is returned."""
+    index = tensor.get_device()  # -1 for a CPU tensor
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return _NO_DEVICE_CHANGE
 
 
 def _block_p(x):
@@ -111,10 +151,11 @@ def _partial_sums(x, shift, dy=None):
     partial_b = torch.zeros((programs, C), dtype=acc, device=x.device)
     if P > 0:
         dy_strides = dy.stride() if dy is not None else (0, 0, 0)
-        torch.library.wrap_triton(_bn_partial_sums_kernel)[(programs, channel_blocks)](
-            x, dy if dy is not None else x, shift, partial_a, partial_b, P, C, S, per_program,
-            *x.stride(), *dy_strides, HAS_DY=dy is not None, BLOCK_P=block_p, BLOCK_C=_BLOCK_C,
-        )
+        with _launch_device(x):
+            _bn_partial_sums_kernel[(programs, channel_blocks)](
+                x, dy if dy is not None else x, shift, partial_a, partial_b, P, C, S, per_program,
+                *x.stride(), *dy_strides, HAS_DY=dy is not None, BLOCK_P=block_p, BLOCK_C=_BLOCK_C,
+            )
     return partial_a.sum(0), partial_b.sum(0)  # second reduction, in a fixed order
 
 
@@ -124,11 +165,12 @@ def _affine(x, mean, coef_x, coef_one, dy=None, coef_dy=None):
     if out.numel() > 0:
         block_p = _block_p(x)
         dy_strides = dy.stride() if dy is not None else (0, 0, 0)
-        torch.library.wrap_triton(_bn_affine_kernel)[(triton.cdiv(N * S, block_p), triton.cdiv(C, _BLOCK_C))](
-            x, dy if dy is not None else x, out, mean, coef_x, coef_dy if coef_dy is not None else coef_x, coef_one,
-            N * S, C, S, *x.stride(), *dy_strides, *out.stride(),
-            HAS_DY=dy is not None, BLOCK_P=block_p, BLOCK_C=_BLOCK_C,
-        )
+        with _launch_device(x):
+            _bn_affine_kernel[(triton.cdiv(N * S, block_p), triton.cdiv(C, _BLOCK_C))](
+                x, dy if dy is not None else x, out, mean, coef_x, coef_dy if coef_dy is not None else coef_x,
+                coef_one, N * S, C, S, *x.stride(), *dy_strides, *out.stride(),
+                HAS_DY=dy is not None, BLOCK_P=block_p, BLOCK_C=_BLOCK_C,
+            )
     return out
 
 

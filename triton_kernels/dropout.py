@@ -10,12 +10,20 @@ Philox 4x32-10 stream keyed by a 64-bit seed, so backward regenerates the mask f
     position q = offset + i // inner       (i: row-major index of the element)
     word       = philox4x32_10(counter=q // 4, key=seed)[q % 4]
     keep       = word >= round(p * 2**32)  (drop probability p, to within 2**-33)
-    out        = residual + (x + bias) * (keep ? 1 / (1 - p) : 0)
+    out        = residual + (x + bias[i % bias_numel]) * (keep ? 1 / (1 - p) : 0)
 
 `inner` > 1 gives one draw per group of `inner` consecutive elements: channel dropout
 (inner = spatial size) and drop path (inner = elements per sample).
+
+A program takes BLOCK consecutive elements. Where an element's group (i // inner) or bias
+column (i % bias_numel) is needed, the program divides its first index once and steps
+from there (`_block_divmod`): per element a compare (divisor >= BLOCK: the block spans at
+most two groups) or a 32-bit multiply-high (a smaller divisor), no 64-bit division. The
+grouped path computes Philox once per 4 of the block's groups, not once per element,
+and hands each element its group's word.
 """
 
+import contextlib
 import math
 import struct
 
@@ -32,9 +40,8 @@ def philox4x32_10(c0, c1, k0, k1):
     """Philox 4x32-10 of counter (c0, c1, 0, 0) under key (k0, k1); all uint32."""
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
-    # Philox multipliers and Weyl key increments, as constexpr locals: a GPU compile rejects
-    # module globals that are not tl.constexpr objects (the interpreter accepts them); to the
-    # interpreter these are plain ints, as before, to the compiler literal constants.
+    # Philox multipliers and Weyl key increments, constexpr locals: a GPU compile rejects
+    # module globals that are not tl.constexpr objects
     PHILOX_M0: tl.constexpr = 0xD2511F53
     PHILOX_M1: tl.constexpr = 0xCD9E8D57
     PHILOX_W0: tl.constexpr = 0x9E3779B9
@@ -52,19 +59,65 @@ def philox4x32_10(c0, c1, k0, k1):
 
 
 @triton.jit
-def _philox_of_counter(counter, k0, k1):
-    # counter: int64 >= 0, split into the two low counter words
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
-    return philox4x32_10(c0, c1, k0, k1)
+def _words(first_counter, k0, k1, COUNTERS: tl.constexpr):
+    """(4 * COUNTERS,): the stream's words from counter first_counter (int64) on, in
+    position order: word j of call k at 4k + j."""
+    counter = first_counter + tl.arange(0, COUNTERS)
+    r0, r1, r2, r3 = philox4x32_10((counter & 0xFFFFFFFF).to(tl.uint32), (counter >> 32).to(tl.uint32), k0, k1)
+    # join(join(r0, r2), join(r1, r3)) is (COUNTERS, 2, 2) with [k, a, b] = r[2b + a]:
+    # row-major that is r0[k] r1[k] r2[k] r3[k]
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (4 * COUNTERS,))
+
+
+@triton.jit
+def _block_divmod(start, divisor, magic, BLOCK: tl.constexpr, SHORT: tl.constexpr, VEC: tl.constexpr):
+    """(q0, q, r): (start + j) // divisor = q0 + q[j] and (start + j) % divisor = r[j] for
+    j in [0, BLOCK); start >= 0 a multiple of VEC, divisor >= 1 a multiple of VEC. One
+    64-bit division per program; per element, with local = start % divisor + j:
+      SHORT (divisor < BLOCK): q = (2 * local * magic) >> 32, magic = ceil(2^31 / divisor),
+        exact for local < 2 * BLOCK: local * (magic * divisor - 2^31) < 2^31;
+      else: the block spans at most two quotients, q = local >= divisor.
+    r wraps only at multiples of VEC: runs of VEC contiguous values starting at multiples
+    of VEC, which the compiler is told (vector loads of what r indexes)."""
+    q0 = start // divisor
+    first = start - q0 * divisor
+    if SHORT:
+        local = first.to(tl.int32) + tl.arange(0, BLOCK)  # < 2 * BLOCK
+        q = tl.umulhi((2 * local).to(tl.uint32), magic.to(tl.uint32)).to(tl.int32)
+        r = local - q * divisor
+    else:
+        local = first + tl.arange(0, BLOCK)
+        wraps = local >= divisor
+        q = wraps.to(tl.int32)
+        r = tl.where(wraps, local - divisor, local)
+    r = tl.max_contiguous(tl.multiple_of(r, VEC), VEC)
+    return q0, q, r
 
 
 @triton.jit
 def _dropout_kernel(
-    x_ptr, out_ptr, seed_ptr, bias_ptr, residual_ptr,
-    n_elements, bias_numel, offset, threshold, scale_bits, inner,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GROUPED: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,  # (n_elements,) contiguous, x.dtype
+    out_ptr,  # (n_elements,) out, x.dtype; may be x_ptr (in place)
+    seed_ptr,  # (1,) int64: the Philox key
+    bias_ptr,  # (bias_numel,) x.dtype, element i adds bias[i % bias_numel]; any pointer unless HAS_BIAS
+    residual_ptr,  # (n_elements,) x.dtype; any pointer unless HAS_RESIDUAL
+    n_elements,  # int
+    bias_numel,  # int >= 1
+    bias_magic,  # int: ceil(2^31 / bias_numel) (used where BIAS_SHORT)
+    offset,  # int: stream position of element 0, a multiple of 4
+    threshold,  # int: a word below it drops its element (round(p * 2^32))
+    scale_bits,  # int64: the bits of the float64 1 / (1 - p)
+    inner,  # int >= 1: elements per draw
+    inner_magic,  # int: ceil(2^31 / inner) (used where GROUPS_SHORT)
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    GROUPED: tl.constexpr,  # inner > 1
+    BIAS_SHORT: tl.constexpr,  # bias_numel < BLOCK
+    BIAS_VEC: tl.constexpr,  # a power of two dividing bias_numel (up to 16 bytes of x.dtype): bias runs aligned to it
+    GROUPS_SHORT: tl.constexpr,  # inner < BLOCK
+    GROUP_COUNTERS: tl.constexpr,  # Philox calls covering a block's groups: a power of two >= (3 + groups + 1) / 4
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 x
+    BLOCK: tl.constexpr,  # elements per program, a multiple of 4
 ):
     seed = tl.load(seed_ptr)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -75,29 +128,27 @@ def _dropout_kernel(
     in_bounds = idx < n_elements
 
     if GROUPED:
-        # one word per group of `inner` elements: pick the lane of each position
-        position = offset + idx // inner
-        r0, r1, r2, r3 = _philox_of_counter(position // 4, k0, k1)
-        lane = position % 4
-        word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+        # element j of the block draws the word at position offset + group0 + q[j]
+        group0, q, _ = _block_divmod(start, inner, inner_magic, BLOCK, GROUPS_SHORT, 1)
+        first_position = offset + group0
+        words = _words(first_position // 4, k0, k1, GROUP_COUNTERS)
+        word = tl.gather(words, (first_position % 4).to(tl.int32) + q, 0)
     else:
         # one Philox call per 4 consecutive elements; offset % 4 == 0 keeps groups aligned
-        counter = (offset + start) // 4 + tl.arange(0, BLOCK // 4)
-        r0, r1, r2, r3 = _philox_of_counter(counter, k0, k1)
-        # interleave to r0[0] r1[0] r2[0] r3[0] r0[1] ... (element 4k + j takes word j of call k)
-        word = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK,))
+        word = _words((offset + start) // 4, k0, k1, BLOCK // 4)
 
     keep = word.to(tl.int64) >= threshold
     # the scale arrives as the bits of a float64 (Triton would round a float argument to fp32)
     scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC_DTYPE)
     multiplier = tl.where(keep, scale, 0.0).to(ACC_DTYPE)
 
-    v = tl.load(x_ptr + idx, mask=in_bounds).to(ACC_DTYPE)
+    v = tl.load(x_ptr + idx, mask=in_bounds, other=0.0).to(ACC_DTYPE)
     if HAS_BIAS:
-        v = v + tl.load(bias_ptr + idx % bias_numel, mask=in_bounds).to(ACC_DTYPE)
+        _, _, column = _block_divmod(start, bias_numel, bias_magic, BLOCK, BIAS_SHORT, BIAS_VEC)
+        v = v + tl.load(bias_ptr + column, mask=in_bounds, other=0.0).to(ACC_DTYPE)
     v = v * multiplier
     if HAS_RESIDUAL:
-        v = tl.load(residual_ptr + idx, mask=in_bounds).to(ACC_DTYPE) + v
+        v = tl.load(residual_ptr + idx, mask=in_bounds, other=0.0).to(ACC_DTYPE) + v
     tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
@@ -113,6 +164,33 @@ def keep_scale(p: float) -> float:
 
 def _float64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _magic(divisor: int) -> int:
+    """ceil(2^31 / divisor): _block_divmod's multiplier for a divisor below BLOCK."""
+    return -(-(1 << 31) // divisor)
+
+
+def _vector(numel: int, element_size: int) -> int:
+    """The largest power of two dividing numel, up to 16 bytes of elements."""
+    vec = 16 // element_size
+    while numel % vec:
+        vec //= 2
+    return vec
+
+
+_NO_DEVICE_CHANGE = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def _launch_device(tensor):
+    """The context a launch on `tensor` runs in: Triton launches on the current CUDA device,
+    so a tensor on another device makes its device current for the launch. Where it
+    already is (or for a CPU tensor, run by the interpreter) no context is entered: a
+    shared no-op one is returned."""
+    index = tensor.get_device()  # -1 for a CPU tensor
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return _NO_DEVICE_CHANGE
 
 
 def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
@@ -142,15 +220,24 @@ def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
         return out
     if residual is not None:
         residual = residual.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    bias_numel = bias.numel() if bias is not None else 1
+    # groups a block of BLOCK_SIZE elements can touch, and the Philox calls covering them
+    # from the first group's counter (which may be its call's word 3)
+    groups = 2 + (BLOCK_SIZE - 2) // inner
     grid = (triton.cdiv(x.numel(), BLOCK_SIZE),)
-    torch.library.wrap_triton(_dropout_kernel)[grid](
-        x, out, seed,
-        bias if bias is not None else x,  # unused pointer when HAS_BIAS is False
-        residual if residual is not None else x,
-        x.numel(), bias.numel() if bias is not None else 1,
-        offset, drop_threshold(p), _float64_bits(keep_scale(p)), inner,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GROUPED=inner > 1,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
-    )
+    with _launch_device(x):
+        _dropout_kernel[grid](
+            x, out, seed,
+            bias if bias is not None else x,  # unused pointer when HAS_BIAS is False
+            residual if residual is not None else x,
+            x.numel(), bias_numel, _magic(bias_numel),
+            offset, drop_threshold(p), _float64_bits(keep_scale(p)), inner, _magic(inner),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, GROUPED=inner > 1,
+            BIAS_SHORT=bias_numel < BLOCK_SIZE, BIAS_VEC=_vector(bias_numel, x.element_size()),
+            GROUPS_SHORT=inner < BLOCK_SIZE, GROUP_COUNTERS=triton.next_power_of_2(triton.cdiv(3 + groups, 4)),
+            ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+            BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+        )
     return out

@@ -12,45 +12,27 @@
 namespace fastreg {
 namespace {
 
-template <typename scalar_t>
-struct DropoutArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* bias;  // nullptr: none
-  const scalar_t* residual;  // nullptr: none
-  scalar_t* out;
-  int64_t numel, bias_numel;
-  uint64_t seed, threshold;
-  int64_t offset, inner;
-  acc_t scale;
-
-  // out = residual + (x + bias) * multiplier, in the order every backend uses
-  inline void apply(int64_t i, acc_t multiplier) const {
-    acc_t v = static_cast<acc_t>(x[i]);
-    if (bias) v = v + static_cast<acc_t>(bias[i % bias_numel]);
-    v = v * multiplier;
-    if (residual) v = static_cast<acc_t>(residual[i]) + v;
-    out[i] = static_cast<scalar_t>(v);
-  }
-  // branch-free: a random keep/drop branch would be mispredicted half the time
-  inline acc_t multiplier(uint32_t word) const {
-    return scale * static_cast<acc_t>(keep_element(word, threshold));
-  }
-};
+// branch-free: a random keep/drop branch would be mispredicted half the time
+template <typename acc_t>
+inline acc_t multiplier(uint32_t word, uint64_t threshold, acc_t scale) {
+  return scale * static_cast<acc_t>(keep_element(word, threshold));
+}
 
 // inner == 1: elements [4g, 4g + 4) take the four words of Philox call offset / 4 + g.
 template <typename scalar_t>
-void dropout_elementwise(const DropoutArgs<scalar_t>& a) {
+void dropout_elementwise(const DropoutParams<scalar_t>& a) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   const int64_t groups = (a.numel + 3) / 4;
   const uint64_t first_counter = static_cast<uint64_t>(a.offset) / 4;
   at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
     uint32_t words[4 * kPhiloxBatch];
     for (int64_t g0 = begin; g0 < end; g0 += kPhiloxBatch) {
-      philox_batch(first_counter + g0, a.seed, words);  // past `end`: words left unused
+      philox_batch(first_counter + g0, seed, words);  // past `end`: words left unused
       const int64_t first = 4 * g0, last = std::min(4 * std::min(g0 + kPhiloxBatch, end), a.numel);
       for (int64_t i = first; i < last; ++i) {
         const int64_t e = i - first;  // element e takes word e % 4 of call e / 4
-        a.apply(i, a.multiplier(words[(e % 4) * kPhiloxBatch + e / 4]));
+        const uint32_t word = words[(e % 4) * kPhiloxBatch + e / 4];
+        a.out[i] = dropout_combine(a, i, a.x[i], multiplier(word, a.threshold, a.scale));
       }
     }
   });
@@ -58,16 +40,17 @@ void dropout_elementwise(const DropoutArgs<scalar_t>& a) {
 
 // inner > 1: group g of `inner` elements shares the word at stream position offset + g.
 template <typename scalar_t>
-void dropout_grouped(const DropoutArgs<scalar_t>& a) {
+void dropout_grouped(const DropoutParams<scalar_t>& a) {
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
   const int64_t groups = (a.numel + a.inner - 1) / a.inner;
   const int64_t grain = std::max<int64_t>(1, 32768 / a.inner);
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint64_t position = static_cast<uint64_t>(a.offset) + g;
-      const uint32_t word = philox4x32_10(position / 4, a.seed).w[position % 4];
-      const auto multiplier = a.multiplier(word);
+      const uint32_t word = philox4x32_10(position / 4, seed).w[position % 4];
+      const auto keep = multiplier(word, a.threshold, a.scale);
       const int64_t last = std::min((g + 1) * a.inner, a.numel);
-      for (int64_t i = g * a.inner; i < last; ++i) a.apply(i, multiplier);
+      for (int64_t i = g * a.inner; i < last; ++i) a.out[i] = dropout_combine(a, i, a.x[i], keep);
     }
   });
 }
@@ -79,18 +62,7 @@ void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offse
   const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_dropout_cpu", [&] {
-    DropoutArgs<scalar_t> a;
-    a.x = x.const_data_ptr<scalar_t>();
-    a.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    a.residual = residual_c.defined() ? residual_c.const_data_ptr<scalar_t>() : nullptr;
-    a.out = out.mutable_data_ptr<scalar_t>();
-    a.numel = x.numel();
-    a.bias_numel = bias_c.defined() ? bias_c.numel() : 1;
-    a.seed = static_cast<uint64_t>(seed.item<int64_t>());
-    a.threshold = drop_threshold(p);
-    a.offset = offset;
-    a.inner = inner;
-    a.scale = static_cast<typename DropoutArgs<scalar_t>::acc_t>(keep_scale(p));
+    const auto a = dropout_params<scalar_t>(x, seed, p, offset, inner, bias_c, residual_c, out);
     if (inner == 1) {
       dropout_elementwise(a);
     } else {

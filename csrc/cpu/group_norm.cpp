@@ -55,25 +55,6 @@ __attribute__((always_inline)) inline acc_t exp_minus(acc_t z) {
   }
 }
 
-template <typename scalar_t>
-struct GnArgs {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* dy;  // backward
-  scalar_t* out;  // y, or dx
-  const acc_t* weight;  // nullptr: none
-  const acc_t* bias;  // nullptr: none
-  acc_t* mean_out;  // forward: (N, G)
-  acc_t* rstd_out;
-  const acc_t* mean;  // backward: (N, G)
-  const acc_t* rstd;
-  acc_t* sum_g;  // backward partials (N, C)
-  acc_t* sum_gxhat;
-  int64_t N, C, S, G, D, stride_n, stride_c, stride_s;
-  double eps;
-  bool silu;
-};
-
 // Rows of S values as acc_t: the input itself when it is stored as acc_t, else converted.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 __attribute__((always_inline)) inline const acc_t* rows_as_acc(const scalar_t* __restrict first_row,
@@ -147,7 +128,7 @@ __attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const
 // group's first value, so a large mean costs no precision; var = mean(d^2) - mean(d)^2),
 // then y from cache. buf: D * S scratch values.
 template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict buf) {
+FASTREG_CPU_CLONES_AVX512 void fwd_group(const GnParams<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict buf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
   const int64_t offset = n * a.stride_n + g * D * a.stride_c;
@@ -184,7 +165,7 @@ FASTREG_CPU_CLONES_AVX512 void fwd_group(const GnArgs<scalar_t>& a, int64_t ng, 
 // Group ng: per-channel sums (the partials of dweight / dbias), then dx from cache.
 // bufs: 3 * D * S scratch values (x, dy as acc_t; g = dy * silu'(z)).
 template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void bwd_group(const GnArgs<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict bufs) {
+FASTREG_CPU_CLONES_AVX512 void bwd_group(const GnParams<scalar_t>& a, int64_t ng, acc_type<scalar_t>* __restrict bufs) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = ng / a.G, g = ng % a.G, S = a.S, D = a.D, M = D * S;
   const int64_t offset = n * a.stride_n + g * D * a.stride_c;
@@ -242,7 +223,7 @@ struct ChannelArrays {
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
 template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnArgs<scalar_t>& a, int64_t n,
+FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n,
                                           ChannelArrays<acc_type<scalar_t>>& arrays) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
@@ -306,7 +287,7 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnArgs<scalar_t>& a, int64_t n,
 // coefficients, then dx. With SiLU, g = dy * silu'(z) is kept in g_scratch (S * C values)
 // between the passes: cheaper than a second exp.
 template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void bwd_sample(const GnArgs<scalar_t>& a, int64_t n,
+FASTREG_CPU_CLONES_AVX512 void bwd_sample(const GnParams<scalar_t>& a, int64_t n,
                                           ChannelArrays<acc_type<scalar_t>>& arrays,
                                           acc_type<scalar_t>* __restrict g_scratch) {
   using acc_t = acc_type<scalar_t>;
@@ -389,25 +370,6 @@ FASTREG_CPU_CLONES_AVX512 void bwd_sample(const GnArgs<scalar_t>& a, int64_t n,
 
 // ------------------------------------------------------------------------ the ops
 
-template <typename scalar_t>
-GnArgs<scalar_t> make_args(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias, bool silu) {
-  using acc_t = acc_type<scalar_t>;
-  GnArgs<scalar_t> a{};
-  a.x = in.x.const_data_ptr<scalar_t>();
-  a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  a.N = in.N;
-  a.C = in.C;
-  a.S = in.S;
-  a.G = in.G;
-  a.D = in.D;
-  a.stride_n = in.x.stride(0);
-  a.stride_c = in.x.stride(1);
-  a.stride_s = in.x.stride(2);
-  a.silu = silu;
-  return a;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in,
                                                           const std::optional<at::Tensor>& weight,
                                                           const std::optional<at::Tensor>& bias, int64_t groups,
@@ -424,11 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
   if (in.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_fwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      GnArgs<scalar_t> a = make_args<scalar_t>(in, w, b, silu);
-      a.out = y.mutable_data_ptr<scalar_t>();
-      a.mean_out = mean.mutable_data_ptr<acc_t>();
-      a.rstd_out = rstd.mutable_data_ptr<acc_t>();
-      a.eps = eps;
+      const auto a = gn_fwd_params<scalar_t>(in, w, b, silu, eps, y, mean, rstd);
       if (in.channels_last) {
         at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
           ChannelArrays<acc_t> arrays(6, in.C);
@@ -465,13 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_i
   if (in.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      GnArgs<scalar_t> a = make_args<scalar_t>(in, w, b, silu);
-      a.dy = dy.const_data_ptr<scalar_t>();
-      a.out = dx.mutable_data_ptr<scalar_t>();
-      a.mean = mean.const_data_ptr<acc_t>();
-      a.rstd = rstd.const_data_ptr<acc_t>();
-      a.sum_g = sum_g.mutable_data_ptr<acc_t>();
-      a.sum_gxhat = sum_gxhat.mutable_data_ptr<acc_t>();
+      const auto a = gn_bwd_params<scalar_t>(in, w, b, silu, dy, dx, mean, rstd, sum_g, sum_gxhat);
       if (in.channels_last) {
         at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
           ChannelArrays<acc_t> arrays(7, in.C);

@@ -21,25 +21,6 @@ namespace {
 // chunks per core, and few enough that the partials stay small.
 constexpr int64_t kMaxWeightChunks = 64;
 
-template <typename scalar_t, typename h_t>
-struct NormFwdArgs {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* residual;  // nullptr: none
-  const acc_t* weight;  // nullptr: none
-  const acc_t* bias;  // nullptr: none
-  scalar_t* y;
-  bool fused;  // the norm input is h = residual + dropout(x)
-  h_t* h;  // where h is stored; nullptr: not stored
-  acc_t* mean;  // nullptr: RMSNorm
-  acc_t* rstd;
-  int64_t n;
-  double eps;
-  bool dropout;
-  uint64_t seed, threshold;
-  acc_t scale;
-};
-
 // The row as acc_t values: x itself when it is stored as acc_t, else converted into buf.
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 inline const acc_t* as_acc(const scalar_t* __restrict x, int64_t n, acc_t* __restrict buf) {
@@ -55,7 +36,7 @@ inline const acc_t* as_acc(const scalar_t* __restrict x, int64_t n, acc_t* __res
 // the mean of v - v[0] (shifted, so a large mean costs no precision), then the squared
 // deviations from the mean.
 template <typename scalar_t, typename h_t, typename acc_t>
-__attribute__((always_inline)) inline void normalize_row(const NormFwdArgs<scalar_t, h_t>& a, int64_t row,
+__attribute__((always_inline)) inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                                          const acc_t* __restrict v) {
   const int64_t n = a.n;
   acc_t mean = 0;
@@ -90,7 +71,7 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdArgs<scala
 // One row. Plain norm: straight from x. Fused: h = residual + dropout(x) is formed in v
 // (and stored), then normalized. v and multiplier are scratch rows.
 template <typename scalar_t, typename h_t>
-FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_t row,
+FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                      acc_type<scalar_t>* __restrict v, acc_type<scalar_t>* __restrict multiplier) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.n, base = row * n;
@@ -99,8 +80,8 @@ FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdArgs<scalar_t, h_t>& a, int64_
     normalize_row(a, row, as_acc(x, n, v));
     return;
   }
-  if (a.dropout) {
-    keep_multipliers(static_cast<uint64_t>(base), n, a.seed, a.threshold, a.scale, multiplier);
+  if (a.seed) {
+    keep_multipliers(static_cast<uint64_t>(base), n, static_cast<uint64_t>(*a.seed), a.threshold, a.scale, multiplier);
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(x[j]) * multiplier[j];
   } else {
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(x[j]);
@@ -127,52 +108,22 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& seed, double p,
                    double eps, bool is_rms, bool fused, NormOutputs& out) {
   using acc_t = acc_type<scalar_t>;
-  NormFwdArgs<scalar_t, h_t> a;
-  a.x = x.const_data_ptr<scalar_t>();
-  a.residual = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-  a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  a.y = out.y.mutable_data_ptr<scalar_t>();
-  a.fused = fused;
-  a.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
-  a.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
-  a.rstd = out.rstd.mutable_data_ptr<acc_t>();
-  a.n = x.size(1);
-  a.eps = eps;
-  a.dropout = seed.has_value();
-  a.seed = a.dropout ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-  a.threshold = drop_threshold(p);
-  a.scale = static_cast<acc_t>(keep_scale(p));
+  const auto a = norm_fwd_params<scalar_t, h_t>(x, weight, bias, residual.has_value() ? *residual : at::Tensor(),
+                                                seed, p, eps, is_rms, fused, out);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
     const bool convert = a.fused || !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.dropout ? a.n : 0);
+    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0);
     for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data());
   });
 }
-
-template <typename scalar_t>
-struct NormBwdArgs {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* dy;
-  const scalar_t* x;
-  const scalar_t* dh;  // nullptr: none
-  const acc_t* weight;  // nullptr: none
-  const acc_t* mean;  // nullptr: RMSNorm
-  const acc_t* rstd;
-  scalar_t* dx;
-  scalar_t* dx_dropout;  // nullptr: no dropout
-  int64_t n;
-  uint64_t seed, threshold;
-  acc_t scale;
-};
 
 // Rows [first, last): dx, and their dweight / dbias sums added into dw, db (one chunk's
 // partials). Two passes per row: the sums (with dw, db), then dx. With xhat = (x - mean)
 // * rstd and g = dy * w: dx = rstd * (g - mean(g * xhat) * xhat - mean(g)) (no mean(g)
 // term for RMSNorm), plus dh. x_buf and dy_buf are scratch rows.
 template <typename scalar_t>
-FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdArgs<scalar_t>& a, int64_t first, int64_t last,
+FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdParams<scalar_t>& a, int64_t first, int64_t last,
                                       acc_type<scalar_t>* __restrict dw, acc_type<scalar_t>* __restrict db,
                                       acc_type<scalar_t>* __restrict x_buf, acc_type<scalar_t>* __restrict dy_buf,
                                       acc_type<scalar_t>* __restrict multiplier) {
@@ -223,7 +174,8 @@ FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdArgs<scalar_t>& a, int64_t fi
       dx[j] = static_cast<scalar_t>(value);
     }
     if (a.dx_dropout) {  // the fused block's dx: forward's mask, regenerated, on the rounded dx
-      keep_multipliers(static_cast<uint64_t>(row * n), n, a.seed, a.threshold, a.scale, multiplier);
+      keep_multipliers(static_cast<uint64_t>(row * n), n, static_cast<uint64_t>(*a.seed), a.threshold, a.scale,
+                       multiplier);
       scalar_t* __restrict dx_dropout = a.dx_dropout + row * n;
       for (int64_t k = 0; k < n; ++k) dx_dropout[k] = static_cast<scalar_t>(static_cast<acc_t>(dx[k]) * multiplier[k]);
     }
@@ -258,33 +210,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
-  const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
-  at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
-  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
+  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = buffers.dw_partial.size(0);
   if (m > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      NormBwdArgs<scalar_t> a;
-      a.dy = dy.const_data_ptr<scalar_t>();
-      a.x = x.const_data_ptr<scalar_t>();
-      a.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
-      a.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      a.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-      a.rstd = rstd.const_data_ptr<acc_t>();
-      a.dx = dx.mutable_data_ptr<scalar_t>();
-      a.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
-      a.n = n;
-      a.seed = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
-      a.threshold = drop_threshold(p);
-      a.scale = static_cast<acc_t>(keep_scale(p));
+      const auto a = norm_bwd_params<scalar_t>(buffers, mean, rstd, is_rms, seed, p);
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         const bool convert = !std::is_same_v<scalar_t, acc_t>;
         std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows),
-                        dw_partial.mutable_data_ptr<acc_t>() + chunk * n,
-                        db_partial.mutable_data_ptr<acc_t>() + chunk * n, x_buf.data(), dy_buf.data(),
-                        multiplier.data());
+          norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows), a.dw_partial + chunk * n,
+                        a.db_partial + chunk * n, x_buf.data(), dy_buf.data(), multiplier.data());
         }
       });
     });

@@ -3,12 +3,16 @@
 // Channels-last (C contiguous): a block covers 32 channels x 8 position lanes, threads
 // along C read coalesced. Otherwise a block covers one channel of a chunk of N, threads
 // along S. Partial sums per chunk are reduced in shared memory in a fixed order, then over
-// the chunks in order: deterministic, no atomics.
+// the chunks in order: deterministic, no atomics. Channels (or channel blocks) are the
+// grid's x axis (up to 2^31 - 1 blocks; y and z stop at 65535), chunks its y axis (at
+// most kMaxChunks).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "fastreg/bn_steps.h"
 #include "fastreg/welford.h"
@@ -26,6 +30,12 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 bool channels_last(const at::Tensor& x) { return x.stride(1) == 1 && x.size(1) > 1; }
+
+// A grid's x extent: at most 2^31 - 1 blocks.
+unsigned int launch_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastreg::bn: ", blocks, " blocks exceed a CUDA grid");
+  return static_cast<unsigned int>(blocks);
+}
 
 template <typename scalar_t, typename acc_t>
 struct SumsParams {
@@ -52,12 +62,13 @@ __device__ __forceinline__ void accumulate(const SumsParams<scalar_t, acc_t>& p,
   }
 }
 
-// Channels-last: grid (chunks of positions, channel blocks), block (32, 8).
+// Channels-last: grid (channel blocks, chunks of positions), block (32, 8).
 template <typename scalar_t, typename acc_t>
 __global__ void sums_by_positions_kernel(SumsParams<scalar_t, acc_t> p) {
   __shared__ acc_t shared_a[kPositionLanes][kChannelLanes], shared_b[kPositionLanes][kChannelLanes];
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kChannelLanes + threadIdx.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * p.per_chunk;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelLanes + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t first = chunk * p.per_chunk;
   const int64_t last = min(first + p.per_chunk, p.units);
   acc_t a = 0, b = 0;
   if (c < p.C) {
@@ -73,17 +84,18 @@ __global__ void sums_by_positions_kernel(SumsParams<scalar_t, acc_t> p) {
       a += shared_a[lane][threadIdx.x];
       b += shared_b[lane][threadIdx.x];
     }
-    p.partial_a[blockIdx.x * p.C + c] = a;
-    p.partial_b[blockIdx.x * p.C + c] = b;
+    p.partial_a[chunk * p.C + c] = a;
+    p.partial_b[chunk * p.C + c] = b;
   }
 }
 
-// Otherwise: grid (chunks of N, C), kThreads along the chunk's (n, s) positions.
+// Otherwise: grid (C, chunks of N), kThreads along the chunk's (n, s) positions.
 template <typename scalar_t, typename acc_t>
 __global__ void sums_by_channel_kernel(SumsParams<scalar_t, acc_t> p) {
   __shared__ acc_t shared_a[kThreads], shared_b[kThreads];
-  const int64_t c = blockIdx.y;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * p.per_chunk;
+  const int64_t c = blockIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t first = chunk * p.per_chunk;
   const int64_t last = min(first + p.per_chunk, p.units);
   acc_t a = 0, b = 0;
   for (int64_t i = threadIdx.x; i < (last - first) * p.S; i += kThreads) {
@@ -100,8 +112,8 @@ __global__ void sums_by_channel_kernel(SumsParams<scalar_t, acc_t> p) {
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    p.partial_a[blockIdx.x * p.C + c] = shared_a[0];
-    p.partial_b[blockIdx.x * p.C + c] = shared_b[0];
+    p.partial_a[chunk * p.C + c] = shared_a[0];
+    p.partial_b[chunk * p.C + c] = shared_b[0];
   }
 }
 
@@ -125,10 +137,10 @@ std::pair<at::Tensor, at::Tensor> partial_sums_cuda(const at::Tensor& x, const a
                                     partial_b.mutable_data_ptr<acc_t>(), strides_of(x),
                                     dy ? strides_of(*dy) : strides_of(x), C, S, units, per_chunk};
       if (by_positions) {
-        const dim3 grid(chunks, (C + kChannelLanes - 1) / kChannelLanes), block(kChannelLanes, kPositionLanes);
-        sums_by_positions_kernel<<<grid, block, 0, stream>>>(p);
+        const dim3 grid(launch_blocks((C + kChannelLanes - 1) / kChannelLanes), chunks);
+        sums_by_positions_kernel<<<grid, dim3(kChannelLanes, kPositionLanes), 0, stream>>>(p);
       } else {
-        sums_by_channel_kernel<<<dim3(chunks, C), kThreads, 0, stream>>>(p);
+        sums_by_channel_kernel<<<dim3(launch_blocks(C), chunks), kThreads, 0, stream>>>(p);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

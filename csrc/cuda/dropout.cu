@@ -22,31 +22,7 @@ struct alignas(4 * sizeof(scalar_t)) Vec4 {
 };
 
 template <typename scalar_t>
-struct DropoutParams {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  const scalar_t* bias;  // nullptr: none
-  const scalar_t* residual;  // nullptr: none
-  scalar_t* out;
-  const int64_t* seed;
-  int64_t numel, bias_numel, offset, inner;
-  uint64_t threshold;
-  acc_t scale;
-  bool vectorized;  // x, residual and out aligned to 4 elements
-};
-
-// out = residual + (x + bias) * multiplier, in the order every backend uses
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t combine(const DropoutParams<scalar_t>& p, int64_t i, scalar_t x, acc_t multiplier) {
-  acc_t v = static_cast<acc_t>(x);
-  if (p.bias) v = v + static_cast<acc_t>(p.bias[i % p.bias_numel]);
-  v = v * multiplier;
-  if (p.residual) v = static_cast<acc_t>(p.residual[i]) + v;
-  return static_cast<scalar_t>(v);
-}
-
-template <typename scalar_t>
-__global__ void dropout_elementwise_kernel(DropoutParams<scalar_t> p) {
+__global__ void dropout_elementwise_kernel(DropoutParams<scalar_t> p, bool vectorized) {
   using acc_t = typename DropoutParams<scalar_t>::acc_t;
   const uint64_t seed = static_cast<uint64_t>(*p.seed);
   const int64_t groups = (p.numel + 3) / 4;
@@ -54,13 +30,13 @@ __global__ void dropout_elementwise_kernel(DropoutParams<scalar_t> p) {
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
     const Philox4 r = philox4x32_10(static_cast<uint64_t>(p.offset) / 4 + g, seed);
     const int64_t base = 4 * g;
-    if (p.vectorized && base + 4 <= p.numel) {
+    if (vectorized && base + 4 <= p.numel) {
       Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p.x + base);
       Vec4<scalar_t> out;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const acc_t multiplier = keep_element(r.w[j], p.threshold) ? p.scale : acc_t(0);
-        out.v[j] = combine(p, base + j, x.v[j], multiplier);
+        out.v[j] = dropout_combine(p, base + j, x.v[j], multiplier);
       }
       *reinterpret_cast<Vec4<scalar_t>*>(p.out + base) = out;
     } else {
@@ -68,7 +44,7 @@ __global__ void dropout_elementwise_kernel(DropoutParams<scalar_t> p) {
       for (int j = 0; j < 4; ++j) {
         if (base + j < p.numel) {
           const acc_t multiplier = keep_element(r.w[j], p.threshold) ? p.scale : acc_t(0);
-          p.out[base + j] = combine(p, base + j, p.x[base + j], multiplier);
+          p.out[base + j] = dropout_combine(p, base + j, p.x[base + j], multiplier);
         }
       }
     }
@@ -85,7 +61,7 @@ __global__ void dropout_grouped_kernel(DropoutParams<scalar_t> p) {
     const uint64_t position = static_cast<uint64_t>(p.offset) + i / p.inner;
     const uint32_t word = philox4x32_10(position / 4, seed).w[position % 4];
     const acc_t multiplier = keep_element(word, p.threshold) ? p.scale : acc_t(0);
-    p.out[i] = combine(p, i, p.x[i], multiplier);
+    p.out[i] = dropout_combine(p, i, p.x[i], multiplier);
   }
 }
 
@@ -116,25 +92,14 @@ void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offse
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_dropout_cuda", [&] {
-    DropoutParams<scalar_t> params;
-    params.x = x.const_data_ptr<scalar_t>();
-    params.bias = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
-    params.residual = residual_c.defined() ? residual_c.const_data_ptr<scalar_t>() : nullptr;
-    params.out = out.mutable_data_ptr<scalar_t>();
-    params.seed = seed.const_data_ptr<int64_t>();
-    params.numel = x.numel();
-    params.bias_numel = bias_c.defined() ? bias_c.numel() : 1;
-    params.offset = offset;
-    params.inner = inner;
-    params.threshold = drop_threshold(p);
-    params.scale = static_cast<typename DropoutParams<scalar_t>::acc_t>(keep_scale(p));
-    const size_t vector_bytes = 4 * sizeof(scalar_t);
-    params.vectorized = aligned_to(params.x, vector_bytes) && aligned_to(params.out, vector_bytes) &&
-                        (!params.residual || aligned_to(params.residual, vector_bytes));
+    const auto params = dropout_params<scalar_t>(x, seed, p, offset, inner, bias_c, residual_c, out);
+    const size_t vector_bytes = 4 * sizeof(scalar_t);  // x, residual and out aligned to 4 elements
+    const bool vectorized = aligned_to(params.x, vector_bytes) && aligned_to(params.out, vector_bytes) &&
+                            (!params.residual || aligned_to(params.residual, vector_bytes));
     const int64_t work = inner == 1 ? (params.numel + 3) / 4 : params.numel;
     const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks()));
     if (inner == 1) {
-      dropout_elementwise_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(params);
+      dropout_elementwise_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(params, vectorized);
     } else {
       dropout_grouped_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(params);
     }

@@ -22,28 +22,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, typename acc_t>
-struct GnParams {
-  const scalar_t* x;
-  const scalar_t* dy;  // backward
-  scalar_t* out;  // y, or dx
-  const acc_t* weight;  // nullptr: none
-  const acc_t* bias;  // nullptr: none
-  acc_t* mean;  // (N, G): written by forward, read by backward
-  acc_t* rstd;
-  acc_t* sum_g;  // backward partials (N, C)
-  acc_t* sum_gxhat;
-  int64_t C, S, G, D, stride_n, stride_c, stride_s;
-  double eps;
-  bool silu, channels_last;
-};
-
 __device__ __forceinline__ float exp_of(float v) { return expf(v); }
 __device__ __forceinline__ double exp_of(double v) { return exp(v); }
 
 // Element i of group (n, g) in memory order: its channel and offset.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ int64_t group_element(const GnParams<scalar_t, acc_t>& p, int64_t n, int64_t g, int64_t i,
+template <typename scalar_t>
+__device__ __forceinline__ int64_t group_element(const GnParams<scalar_t>& p, int64_t n, int64_t g, int64_t i,
                                                  int64_t& c) {
   int64_t s;
   if (p.channels_last) {
@@ -74,8 +58,9 @@ __device__ __forceinline__ void block_sums(acc_t& a, acc_t& b, acc_t* shared_a, 
   __syncthreads();  // before the arrays are reused
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void gn_fwd_kernel(GnParams<scalar_t, acc_t> p) {
+template <typename scalar_t>
+__global__ void gn_fwd_kernel(GnParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
   __shared__ acc_t shared_a[kThreads], shared_b[kThreads];
   const int64_t ng = blockIdx.x, n = ng / p.G, g = ng % p.G, M = p.D * p.S;
   int64_t c;
@@ -95,8 +80,8 @@ __global__ void gn_fwd_kernel(GnParams<scalar_t, acc_t> p) {
   block_sums(squares, unused, shared_a, shared_b);
   const acc_t rstd = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(squares) / M + p.eps));
   if (threadIdx.x == 0) {
-    p.mean[ng] = mean;
-    p.rstd[ng] = rstd;
+    p.mean_out[ng] = mean;
+    p.rstd_out[ng] = rstd;
   }
   for (int64_t i = threadIdx.x; i < M; i += kThreads) {
     const int64_t offset = group_element(p, n, g, i, c);
@@ -115,8 +100,9 @@ __device__ __forceinline__ acc_t grad_pre_activation(acc_t dy, acc_t centered, a
   return dy * silu_grad_from_exp(z, exp_of(-z));
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void gn_bwd_kernel(GnParams<scalar_t, acc_t> p) {
+template <typename scalar_t>
+__global__ void gn_bwd_kernel(GnParams<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
   __shared__ acc_t shared_a[kThreads], shared_b[kThreads];
   const int64_t ng = blockIdx.x, n = ng / p.G, g = ng % p.G, M = p.D * p.S;
   const acc_t mean = p.mean[ng], rstd = p.rstd[ng];
@@ -152,25 +138,6 @@ __global__ void gn_bwd_kernel(GnParams<scalar_t, acc_t> p) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-GnParams<scalar_t, acc_t> make_params(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias,
-                                      bool silu) {
-  GnParams<scalar_t, acc_t> p{};
-  p.x = in.x.const_data_ptr<scalar_t>();
-  p.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  p.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  p.C = in.C;
-  p.S = in.S;
-  p.G = in.G;
-  p.D = in.D;
-  p.stride_n = in.x.stride(0);
-  p.stride_c = in.x.stride(1);
-  p.stride_s = in.x.stride(2);
-  p.silu = silu;
-  p.channels_last = in.channels_last;
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cuda(const at::Tensor& x_in,
                                                            const std::optional<at::Tensor>& weight,
                                                            const std::optional<at::Tensor>& bias, int64_t groups,
@@ -185,12 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cuda(const at::Tensor& x_i
   if (in.x.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_fwd_cuda", [&] {
-      using acc_t = acc_type<scalar_t>;
-      GnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(in, w, b, silu);
-      p.out = y.mutable_data_ptr<scalar_t>();
-      p.mean = mean.mutable_data_ptr<acc_t>();
-      p.rstd = rstd.mutable_data_ptr<acc_t>();
-      p.eps = eps;
+      const auto p = gn_fwd_params<scalar_t>(in, w, b, silu, eps, y, mean, rstd);
       gn_fwd_kernel<<<in.N * groups, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -216,14 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cuda(const at::Tensor& dy_
   if (in.x.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_bwd_cuda", [&] {
-      using acc_t = acc_type<scalar_t>;
-      GnParams<scalar_t, acc_t> p = make_params<scalar_t, acc_t>(in, w, b, silu);
-      p.dy = dy.const_data_ptr<scalar_t>();
-      p.out = dx.mutable_data_ptr<scalar_t>();
-      p.mean = const_cast<acc_t*>(mean.const_data_ptr<acc_t>());  // read only in backward
-      p.rstd = const_cast<acc_t*>(rstd.const_data_ptr<acc_t>());
-      p.sum_g = sum_g.mutable_data_ptr<acc_t>();
-      p.sum_gxhat = sum_gxhat.mutable_data_ptr<acc_t>();
+      const auto p = gn_bwd_params<scalar_t>(in, w, b, silu, dy, dx, mean, rstd, sum_g, sum_gxhat);
       gn_bwd_kernel<<<in.N * groups, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

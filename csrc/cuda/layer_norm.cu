@@ -88,23 +88,6 @@ __device__ Pair<T> block_sum2(Pair<T> v) {
   return result;
 }
 
-template <typename scalar_t, typename h_t, typename acc_t = acc_type<scalar_t>>
-struct NormFwdParams {
-  const scalar_t* x;
-  const scalar_t* residual;  // nullptr: none
-  const acc_t* weight;  // nullptr: none
-  const acc_t* bias;  // nullptr: none
-  const int64_t* seed;  // nullptr: no dropout
-  scalar_t* y;
-  bool fused;  // the norm input is h = residual + dropout(x)
-  h_t* h;  // where h is stored; nullptr: not stored
-  acc_t* mean;  // nullptr: RMSNorm
-  acc_t* rstd;
-  int64_t n;
-  acc_t eps, scale;
-  uint64_t threshold;
-};
-
 // The value the norm sees at element i: x, or h = residual + dropout(x) rounded to h's
 // dtype (what backward reads).
 template <typename scalar_t, typename h_t, typename acc_t = acc_type<scalar_t>>
@@ -143,7 +126,7 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
   } else {
     variance = block_sum2(Pair<acc_t>{sum_squares, acc_t(0)}).x / p.n;
   }
-  const acc_t rstd = acc_t(1) / sqrt(variance + p.eps);
+  const acc_t rstd = acc_t(1) / sqrt(variance + static_cast<acc_t>(p.eps));
   for (int64_t j = threadIdx.x; j < p.n; j += blockDim.x) {
     // the stored h, or the input again (recomputed when h is not stored)
     const acc_t v = p.h ? static_cast<acc_t>(p.h[base + j]) : fused_norm_input(p, base + j, seed);
@@ -157,24 +140,6 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
     p.rstd[blockIdx.x] = rstd;
   }
 }
-
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-struct NormBwdParams {
-  const scalar_t* dy;
-  const scalar_t* x;
-  const scalar_t* dh;  // nullptr: none
-  const acc_t* weight;  // nullptr: none
-  const acc_t* mean;  // nullptr: RMSNorm
-  const acc_t* rstd;
-  scalar_t* dx;
-  scalar_t* dx_dropout;  // nullptr: no dropout
-  const int64_t* seed;
-  acc_t* dw_partial;
-  acc_t* db_partial;
-  int64_t m, n, chunk_rows;
-  uint64_t threshold;
-  acc_t scale;
-};
 
 template <typename scalar_t>
 __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
@@ -241,21 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
     using acc_t = acc_type<scalar_t>;
     auto launch = [&](auto h_type_tag) {
       using h_t = decltype(h_type_tag);
-      NormFwdParams<scalar_t, h_t> params;
-      params.x = x.const_data_ptr<scalar_t>();
-      params.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-      params.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      params.bias = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
-      params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
-      params.y = out.y.mutable_data_ptr<scalar_t>();
-      params.fused = fused;
-      params.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
-      params.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
-      params.rstd = out.rstd.mutable_data_ptr<acc_t>();
-      params.n = x.size(1);
-      params.eps = static_cast<acc_t>(eps);
-      params.scale = static_cast<acc_t>(keep_scale(p));
-      params.threshold = drop_threshold(p);
+      const auto params = norm_fwd_params<scalar_t, h_t>(x, w, b, residual, seed, p, eps, is_rms, fused, out);
       norm_fwd_kernel<scalar_t, h_t><<<x.size(0), threads_for(params.n), 0, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -275,30 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
   NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
-  const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
-  at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
-  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
+  const int64_t m = buffers.m, n = buffers.n, chunks = buffers.dw_partial.size(0);
   if (m > 0 && n > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
-      using acc_t = acc_type<scalar_t>;
-      NormBwdParams<scalar_t> params;
-      params.dy = dy.const_data_ptr<scalar_t>();
-      params.x = x.const_data_ptr<scalar_t>();
-      params.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
-      params.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-      params.rstd = rstd.const_data_ptr<acc_t>();
-      params.dx = dx.mutable_data_ptr<scalar_t>();
-      params.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
-      params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
-      params.threshold = drop_threshold(p);
-      params.scale = static_cast<acc_t>(keep_scale(p));
-      params.dw_partial = dw_partial.mutable_data_ptr<acc_t>();
-      params.db_partial = db_partial.mutable_data_ptr<acc_t>();
-      params.m = m;
-      params.n = n;
-      params.chunk_rows = chunk_rows;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
+      const auto params = norm_bwd_params<scalar_t>(buffers, mean, rstd, is_rms, seed, p);
       norm_bwd_dx_kernel<scalar_t><<<m, threads_for(n), 0, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (weight.has_value() || has_bias) {

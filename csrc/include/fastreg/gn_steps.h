@@ -15,6 +15,7 @@
 
 #include "fastreg/macros.h"
 #include "fastreg/norm_args.h"
+#include "fastreg/welford.h"
 
 namespace fastreg {
 
@@ -120,6 +121,74 @@ inline void check_gn_stats(const at::Tensor& x, const at::Tensor& mean, const at
     TORCH_CHECK(t->numel() == x.size(0) * groups && t->scalar_type() == acc_dtype(x) && t->device() == x.device(),
                 "fastreg::gn_bwd: 'mean' and 'rstd' must be (N, groups), float32 (float64 for float64 'x')");
   }
+}
+
+// What a GroupNorm kernel reads and writes, over gn_input's x (N, C, S): x, y / dx and dy
+// share x's strides; weight and bias from param_as_acc.
+template <typename scalar_t>
+struct GnParams {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* dy;  // backward
+  scalar_t* out;  // y, or dx
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;  // nullptr: none
+  acc_t* mean_out;  // forward: (N, G)
+  acc_t* rstd_out;
+  const acc_t* mean;  // backward: (N, G)
+  const acc_t* rstd;
+  acc_t* sum_g;  // backward partials (N, C)
+  acc_t* sum_gxhat;
+  int64_t N, C, S, G, D, stride_n, stride_c, stride_s;
+  double eps;
+  bool silu, channels_last;
+};
+
+template <typename scalar_t>
+GnParams<scalar_t> gn_params(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias, bool silu) {
+  using acc_t = acc_type<scalar_t>;
+  GnParams<scalar_t> p{};
+  p.x = in.x.const_data_ptr<scalar_t>();
+  p.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  p.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  p.N = in.N;
+  p.C = in.C;
+  p.S = in.S;
+  p.G = in.G;
+  p.D = in.D;
+  p.stride_n = in.x.stride(0);
+  p.stride_c = in.x.stride(1);
+  p.stride_s = in.x.stride(2);
+  p.silu = silu;
+  p.channels_last = in.channels_last;
+  return p;
+}
+
+template <typename scalar_t>
+GnParams<scalar_t> gn_fwd_params(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias, bool silu,
+                                 double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using acc_t = acc_type<scalar_t>;
+  GnParams<scalar_t> p = gn_params<scalar_t>(in, weight, bias, silu);
+  p.out = y.mutable_data_ptr<scalar_t>();
+  p.mean_out = mean.mutable_data_ptr<acc_t>();
+  p.rstd_out = rstd.mutable_data_ptr<acc_t>();
+  p.eps = eps;
+  return p;
+}
+
+template <typename scalar_t>
+GnParams<scalar_t> gn_bwd_params(const GnInput& in, const at::Tensor& weight, const at::Tensor& bias, bool silu,
+                                 const at::Tensor& dy, at::Tensor& dx, const at::Tensor& mean, const at::Tensor& rstd,
+                                 at::Tensor& sum_g, at::Tensor& sum_gxhat) {
+  using acc_t = acc_type<scalar_t>;
+  GnParams<scalar_t> p = gn_params<scalar_t>(in, weight, bias, silu);
+  p.dy = dy.const_data_ptr<scalar_t>();
+  p.out = dx.mutable_data_ptr<scalar_t>();
+  p.mean = mean.const_data_ptr<acc_t>();
+  p.rstd = rstd.const_data_ptr<acc_t>();
+  p.sum_g = sum_g.mutable_data_ptr<acc_t>();
+  p.sum_gxhat = sum_gxhat.mutable_data_ptr<acc_t>();
+  return p;
 }
 
 // (dweight, dbias) from the per-sample partials (N, C), summed over N in order, in the

@@ -1,7 +1,10 @@
 #pragma once
-// Argument checks and output allocation of the norm ops, shared by the CPU and CUDA
-// registrations.
+// Argument checks, output allocation and kernel parameters of the norm ops, shared by the
+// CPU and CUDA registrations.
 #include <ATen/ATen.h>
+
+#include "fastreg/philox.h"
+#include "fastreg/welford.h"
 
 namespace fastreg {
 
@@ -119,6 +122,94 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_norm_bw
   const auto empty = [&] { return at::empty({0}, b.x.options().dtype(w_dtype)); };
   return {b.dx, weight.has_value() ? b.dw_partial.sum(0).to(w_dtype) : empty(),
           has_bias ? b.db_partial.sum(0).to(w_dtype) : empty(), b.dx_dropout};
+}
+
+// What a norm_fwd kernel reads and writes: rows of n elements; h_t is h's dtype.
+template <typename scalar_t, typename h_t>
+struct NormFwdParams {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* residual;  // nullptr: none
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;  // nullptr: none
+  const int64_t* seed;  // one element on x's device; nullptr: no dropout
+  scalar_t* y;
+  bool fused;  // the norm input is h = residual + dropout(x)
+  h_t* h;  // where h is stored; nullptr: not stored
+  acc_t* mean;  // nullptr: RMSNorm
+  acc_t* rstd;
+  int64_t n;
+  double eps;
+  uint64_t threshold;
+  acc_t scale;
+};
+
+// x, residual: contiguous (residual undefined: none); weight, bias from param_as_acc.
+template <typename scalar_t, typename h_t>
+NormFwdParams<scalar_t, h_t> norm_fwd_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                             const at::Tensor& residual, const std::optional<at::Tensor>& seed,
+                                             double p, double eps, bool is_rms, bool fused, NormOutputs& out) {
+  using acc_t = acc_type<scalar_t>;
+  NormFwdParams<scalar_t, h_t> params;
+  params.x = x.const_data_ptr<scalar_t>();
+  params.residual = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+  params.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  params.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
+  params.y = out.y.mutable_data_ptr<scalar_t>();
+  params.fused = fused;
+  params.h = out.h.numel() > 0 ? out.h.mutable_data_ptr<h_t>() : nullptr;
+  params.mean = is_rms ? nullptr : out.mean.mutable_data_ptr<acc_t>();
+  params.rstd = out.rstd.mutable_data_ptr<acc_t>();
+  params.n = x.size(1);
+  params.eps = eps;
+  params.threshold = drop_threshold(p);
+  params.scale = static_cast<acc_t>(keep_scale(p));
+  return params;
+}
+
+// What a norm_bwd kernel reads and writes (the buffers of prepare_norm_bwd).
+template <typename scalar_t>
+struct NormBwdParams {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* dh;  // nullptr: none
+  const acc_t* weight;  // nullptr: none
+  const acc_t* mean;  // nullptr: RMSNorm
+  const acc_t* rstd;
+  scalar_t* dx;
+  scalar_t* dx_dropout;  // nullptr: no dropout
+  const int64_t* seed;  // one element on x's device; nullptr: no dropout
+  acc_t* dw_partial;  // (chunks, n): one row per chunk of chunk_rows rows
+  acc_t* db_partial;
+  int64_t m, n, chunk_rows;
+  uint64_t threshold;
+  acc_t scale;
+};
+
+template <typename scalar_t>
+NormBwdParams<scalar_t> norm_bwd_params(NormBwdBuffers& b, const at::Tensor& mean, const at::Tensor& rstd,
+                                        bool is_rms, const std::optional<at::Tensor>& seed, double p) {
+  using acc_t = acc_type<scalar_t>;
+  NormBwdParams<scalar_t> params;
+  params.dy = b.dy.const_data_ptr<scalar_t>();
+  params.x = b.x.const_data_ptr<scalar_t>();
+  params.dh = b.dh.defined() ? b.dh.const_data_ptr<scalar_t>() : nullptr;
+  params.weight = b.w.defined() ? b.w.const_data_ptr<acc_t>() : nullptr;
+  params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
+  params.rstd = rstd.const_data_ptr<acc_t>();
+  params.dx = b.dx.mutable_data_ptr<scalar_t>();
+  params.dx_dropout = seed.has_value() ? b.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
+  params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
+  params.dw_partial = b.dw_partial.mutable_data_ptr<acc_t>();
+  params.db_partial = b.db_partial.mutable_data_ptr<acc_t>();
+  params.m = b.m;
+  params.n = b.n;
+  params.chunk_rows = b.chunk_rows;
+  params.threshold = drop_threshold(p);
+  params.scale = static_cast<acc_t>(keep_scale(p));
+  return params;
 }
 
 }  // namespace fastreg
