@@ -247,7 +247,7 @@ def gn_fwd(x, weight, bias, groups, eps, silu):
     """(y, mean, rstd): y = silu?((x - mean) * rstd * weight + bias), two-pass statistics."""
     N, C, S = x.shape
     acc = _acc(x)
-    values = x.to(acc).reshape(N, groups, -1)
+    values = x.to(acc).reshape(N, groups, C // groups * S)  # not -1: N may be 0
     mean = values.mean(-1)
     rstd = torch.rsqrt((values - mean[..., None]).pow(2).mean(-1) + eps)
     z = ((values - mean[..., None]) * rstd[..., None]).reshape(N, C, S)

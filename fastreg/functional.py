@@ -152,8 +152,8 @@ def dropout_add(
             f"fastreg.dropout_add: 'bias' must be 1-D of size x.shape[-1] with x's dtype and device; "
             f"got {tuple(bias.shape)} {bias.dtype} {bias.device} for x {tuple(x.shape)} {x.dtype}"
         )
-    if x.numel() == 0:
-        return residual + x
+    if x.numel() == 0:  # nothing to draw; bias still in the graph (a zero gradient, as torch's)
+        return residual + (x if bias is None else x + bias)
     backend = choose_backend(x.device.type)
     if training:
         seed = _rng.new_seed(x.device)
@@ -187,11 +187,10 @@ def _check_norm_args(x, normalized_shape, weight, bias, op):
 def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=False,
           prenorm=False, residual_in_fp32=False):
     """The norm over the trailing `shape` of x (of h = residual + dropout(x) when fused)."""
-    n = 1
-    for size in shape:
-        n *= size
-    rows = x.reshape(-1, n).contiguous()
-    residual_rows = residual.reshape(-1, n).contiguous() if residual is not None else None
+    n = math.prod(shape)
+    m = math.prod(x.shape[:x.dim() - len(shape)])  # not -1: n may be 0
+    rows = x.reshape(m, n).contiguous()
+    residual_rows = residual.reshape(m, n).contiguous() if residual is not None else None
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
     # h is written only when it is returned or backward will need it
