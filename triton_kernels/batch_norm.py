@@ -105,7 +105,7 @@ def _partial_sums(x, shift, dy=None):
     acc = torch.promote_types(x.dtype, torch.float32)
     channel_blocks = triton.cdiv(C, _BLOCK_C)
     block_p = _block_p(x)
-    per_program = triton.cdiv(triton.cdiv(P, _programs(x, channel_blocks)), block_p) * block_p
+    per_program = max(1, triton.cdiv(triton.cdiv(P, _programs(x, channel_blocks)), block_p)) * block_p
     programs = max(1, triton.cdiv(P, per_program))
     partial_a = torch.zeros((programs, C), dtype=acc, device=x.device)
     partial_b = torch.zeros((programs, C), dtype=acc, device=x.device)

@@ -118,8 +118,8 @@ def _float64_bits(value: float) -> int:
 def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
     """out = residual + (x + bias) * keep / (1 - p), keep drawn from the Philox stream.
 
-    x:        float16 / bfloat16 / float32 / float64 tensor, any shape; it is read in
-              row-major order (a non-contiguous x is copied first).
+    x:        float16 / bfloat16 / float32 / float64 tensor, any shape and strides; it is
+              read in row-major order (every non-contiguous tensor argument is copied first).
     seed:     int64 tensor with one element, on x's device (read inside the kernel, so
               no host synchronization and CUDA-graph safe).
     p:        drop probability in [0, 1].
@@ -127,21 +127,24 @@ def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
     inner:    elements per random draw (1: plain dropout).
     bias:     optional 1-D tensor of size x.shape[-1], added before dropout.
     residual: optional tensor shaped like x, added after dropout.
-    out:      optional contiguous output, may be x itself (in place).
+    out:      optional output of x's shape and dtype, may be x itself (in place); one that
+              is not contiguous receives a contiguous result.
 
-    Returns out (contiguous, x's shape and dtype). Saves nothing: backward is
+    Returns out (contiguous when not given, x's shape and dtype). Saves nothing: backward is
     `dropout(grad_out, seed, p, offset, inner)`; the bias gradient is its sum over rows.
     Arithmetic is in float32 (float64 for float64 x), rounded once to x's dtype.
     """
     if offset % 4 != 0 or offset < 0:
         raise ValueError(f"offset must be a non-negative multiple of 4, got {offset}")
-    x = x.contiguous()
+    # read (and written) in row-major order: strided views are copied once (contiguous()
+    # returns a contiguous tensor itself), a strided out receives the result afterwards
+    x, bias, residual = (t.contiguous() if t is not None else None for t in (x, bias, residual))
+    if out is not None and not out.is_contiguous():
+        return out.copy_(dropout(x, seed, p, offset, inner, bias, residual))
     if out is None:
         out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    if residual is not None:
-        residual = residual.contiguous()
     grid = (triton.cdiv(x.numel(), BLOCK_SIZE),)
     torch.library.wrap_triton(_dropout_kernel)[grid](
         x, out, seed,

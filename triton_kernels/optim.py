@@ -22,8 +22,9 @@ its norm exceeds max_norm.
 
 Contract (fastreg::sgd_step_ / adam_step_, term by term in fastreg/_reference.py): the value
 updated is masters[i] (float32) when masters is given, params[i] then receiving it rounded,
-else params[i]; optimizer states have the value's dtype, grads the param's; all contiguous,
-on one device; arithmetic in float32 (float64 for float64 values).
+else params[i]; optimizer states have the value's dtype, grads the param's; any strides
+(non-contiguous tensors go through contiguous copies), on one device; arithmetic in
+float32 (float64 for float64 values).
 """
 
 import torch
@@ -269,8 +270,6 @@ def _check_list(name, tensors, params, dtype_of, required):
             raise ValueError(f"{name}[{i}] is on {tensor.device}, params[{i}] on {param.device}")
         if tensor.shape != param.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(tensor.shape)}, params[{i}] {tuple(param.shape)}")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name}[{i}] is not contiguous")
         expected = dtype_of(i)
         if tensor.dtype != expected:
             raise ValueError(f"{name}[{i}] is {tensor.dtype}, expected {expected}")
@@ -286,8 +285,6 @@ def _check_args(params, grads, states, masters):
             raise ValueError(f"params[{i}] is on {param.device}, params[0] on {device}: one device per call")
         if param.dtype not in _TL_DTYPE:
             raise ValueError(f"params[{i}] is {param.dtype}; supported: float32, float64, bfloat16, float16")
-        if not param.is_contiguous():
-            raise ValueError(f"params[{i}] is not contiguous")
     _check_list("masters", masters, params, lambda i: torch.float32, required=False)
 
     def value_dtype(i):
@@ -296,6 +293,19 @@ def _check_args(params, grads, states, masters):
     _check_list("grads", grads, params, lambda i: params[i].dtype, required=True)
     for name, tensors, required in states:
         _check_list(name, tensors, params, value_dtype, required)
+
+
+def _contiguous_stand_ins(lists, written):
+    """The lists with every non-contiguous tensor replaced by a contiguous copy (the kernel
+    walks a tensor as numel consecutive elements), and the (original, copy) pairs of the
+    lists the step writes (`written`, one flag per list), to copy back afterwards."""
+    if all(t.is_contiguous() for tensors in lists for t in tensors):
+        return lists, []
+    stand_ins, pairs = [], []
+    for tensors, is_written in zip(lists, written):
+        stand_ins.append([t.contiguous() for t in tensors])
+        pairs += [(t, copy) for t, copy in zip(tensors, stand_ins[-1]) if is_written and copy is not t]
+    return stand_ins, pairs
 
 
 def _items(numels, row_lens, project_rows):
@@ -376,8 +386,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
               nesterov, maximize, first_step, inv_grad_scale):
     """torch.optim.SGD's step over lists of tensors, in place, plus an L1 proximal step and max-norm rows.
 
-    params: list of contiguous tensors (float32, float64, bfloat16 or float16), any shapes, one
-    device; grads: the params' shapes and dtypes; momentum_buffers: one per param in the
+    params: list of tensors (float32, float64, bfloat16 or float16), any shapes and strides
+    (non-contiguous ones are stepped through contiguous copies, written back), one device; grads: the params' shapes and dtypes; momentum_buffers: one per param in the
     value's dtype, or empty when momentum == 0; masters: empty, or one float32 tensor per
     param, updated in place of the param (the param then receives it rounded).
     g = grad * inv_grad_scale (negated if maximize) + weight_decay * w; buf = g on first_step,
@@ -385,6 +395,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
     then w = sign(w) * max(|w| - lr * l1, 0) if l1 > 0, and rows (dim 0) of tensors of >= 2
     dims rescaled to norm max_norm where above it if max_norm > 0.
     """
+    (params, grads, momentum_buffers, masters), write_back = _contiguous_stand_ins(
+        [params, grads, momentum_buffers, masters], (True, False, True, True))
     _check_args(params, grads, [("momentum_buffers", momentum_buffers, momentum != 0)], masters)
     scalars = [0.0] * NUM_SCALARS
     scalars[_LR], scalars[_INV_GRAD_SCALE], scalars[_WEIGHT_DECAY] = lr, inv_grad_scale, weight_decay
@@ -395,6 +407,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
                  HAS_L1=l1 > 0)
     buffers = momentum_buffers if momentum != 0 else []
     _launch(params, grads, [buffers, [], []], masters, scalars, max_norm, flags)
+    for original, copy in write_back:
+        original.copy_(copy)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, beta1, beta2, eps,
@@ -410,6 +424,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
     amsgrad); w -= lr / bias_correction1 * m / (sqrt(v) / sqrt(bias_correction2) + eps);
     then the L1 and max-norm steps of sgd_step_.
     """
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), write_back = _contiguous_stand_ins(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters], (True, False, True, True, True, True))
     _check_args(params, grads, [("exp_avgs", exp_avgs, True), ("exp_avg_sqs", exp_avg_sqs, True),
                                 ("max_exp_avg_sqs", max_exp_avg_sqs, False)], masters)
     scalars = [0.0] * NUM_SCALARS
@@ -422,3 +438,5 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, l
                  HAS_MOMENTUM=False, NESTEROV=False, FIRST_STEP=False, AMSGRAD=bool(max_exp_avg_sqs),
                  HAS_L1=l1 > 0)
     _launch(params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], masters, scalars, max_norm, flags)
+    for original, copy in write_back:
+        original.copy_(copy)

@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in,
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
   const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
   at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
   const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
@@ -269,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
       a.x = x.const_data_ptr<scalar_t>();
       a.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
       a.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      a.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-      a.rstd = rstd.const_data_ptr<acc_t>();
+      a.mean = is_rms ? nullptr : buffers.mean.const_data_ptr<acc_t>();
+      a.rstd = buffers.rstd.const_data_ptr<acc_t>();
       a.dx = dx.mutable_data_ptr<scalar_t>();
       a.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
       a.n = n;

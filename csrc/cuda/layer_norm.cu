@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
   const at::Tensor &x = buffers.x, &dy = buffers.dy, &dh = buffers.dh, &w = buffers.w;
   at::Tensor &dx = buffers.dx, &dw_partial = buffers.dw_partial, &db_partial = buffers.db_partial;
   const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = dw_partial.size(0);
@@ -287,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
       params.x = x.const_data_ptr<scalar_t>();
       params.dh = dh.defined() ? dh.const_data_ptr<scalar_t>() : nullptr;
       params.weight = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-      params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-      params.rstd = rstd.const_data_ptr<acc_t>();
+      params.mean = is_rms ? nullptr : buffers.mean.const_data_ptr<acc_t>();
+      params.rstd = buffers.rstd.const_data_ptr<acc_t>();
       params.dx = dx.mutable_data_ptr<scalar_t>();
       params.dx_dropout = seed.has_value() ? buffers.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
       params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;

@@ -83,20 +83,23 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
 }
 
 // What a norm_bwd kernel reads and writes, prepared the same way on every device: the
-// contiguous inputs (dy and dh in the dtype of the norm input: y's may differ from h's),
-// dx, the weight in the accumulate dtype, and zeroed dweight / dbias partials, one row
-// per chunk of chunk_rows rows.
+// contiguous inputs, whatever strides they came with (dy and dh in the dtype of the norm
+// input: y's may differ from h's; mean and rstd), dx, the weight in the accumulate dtype,
+// and zeroed dweight / dbias partials, one row per chunk of chunk_rows rows.
 // With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
 struct NormBwdBuffers {
-  at::Tensor x, dy, dh, w, dx, dw_partial, db_partial, dx_dropout;
+  at::Tensor x, dy, dh, w, mean, rstd, dx, dw_partial, db_partial, dx_dropout;
   int64_t m, n, chunk_rows;
 };
 
 inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& mean, const at::Tensor& rstd,
                                        const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed,
                                        int64_t max_chunks) {
   NormBwdBuffers b;
   b.x = x.contiguous();
+  b.mean = mean.contiguous();
+  b.rstd = rstd.contiguous();
   b.dy = dy.to(x.scalar_type()).contiguous();
   b.dh = dh.has_value() ? dh->to(x.scalar_type()).contiguous() : at::Tensor();
   b.w = param_as_acc(weight, b.x);
