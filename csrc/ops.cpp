@@ -1,8 +1,13 @@
-// Every operator schema of fastreg, in one place. The kernels register their
-// implementations per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake
-// (meta) kernels and autograd are registered from Python (fastreg/_ops.py).
+// Every operator schema of fastreg, in one place. Each op `<op>` has a Triton twin
+// `<op>_triton` (in-place ops: `<op>_triton_`) with the same schema: the C++ kernels of
+// `<op>` register per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; the twin's
+// kernels are the Triton launchers, registered from Python (fastreg/ops/<family>.py) for
+// CUDA tensors and, through the Triton interpreter, CPU tensors. Fake (meta) kernels
+// are registered there too.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <string>
 
 // `import fastreg._C` loads this library and runs the registrations below;
 // the module itself is empty.
@@ -11,7 +16,22 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+namespace {
+
+// Defines `name(signature)` and its Triton twin.
+void def_with_triton_twin(torch::Library& m, const std::string& name, const std::string& signature) {
+  const bool in_place = name.back() == '_';
+  const std::string stem = in_place ? name.substr(0, name.size() - 1) : name;
+  m.def((name + signature).c_str());
+  m.def((stem + "_triton" + (in_place ? "_" : "") + signature).c_str());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(fastreg, m) {
+  const auto def = [&m](const std::string& name, const std::string& signature) {
+    def_with_triton_twin(m, name, signature);
+  };
   // Every op takes every tensor argument with any strides: the kernels read them through
   // their strides or through a contiguous copy made once (none of a contiguous tensor).
   // out = residual + (x + bias) * keep * scale over x in row-major order. `seed` is an int64
@@ -19,40 +39,40 @@ TORCH_LIBRARY(fastreg, m) {
   // offset + i / inner of the Philox stream (see csrc/include/fastreg/philox.h), so
   // inner > 1 drops whole groups (channel dropout, drop path). Backward is this
   // same op applied to the incoming gradient with the same seed.
-  m.def(
-      "dropout(Tensor x, Tensor seed, float p, int offset=0, int inner=1, "
+  def(
+      "dropout", "(Tensor x, Tensor seed, float p, int offset=0, int inner=1, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
   // In-place form of the above without bias and residual.
-  m.def("dropout_(Tensor(a!) x, Tensor seed, float p, int offset=0, int inner=1) -> ()");
+  def("dropout_", "(Tensor(a!) x, Tensor seed, float p, int offset=0, int inner=1) -> ()");
 
   // LayerNorm (is_rms=false) or RMSNorm of the rows of a 2-D x, optionally
   // of h = residual + dropout(x) (when residual or seed is given; dropout on the same
   // stream as `dropout`, element (i, j) at position i * N + j). Returns (y, h, mean, rstd):
   // h is empty unless fused and store_h (backward needs it; inference may not); mean
   // (empty for RMSNorm) and rstd per row, float32 (float64 for float64 x).
-  m.def(
-      "norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, bool is_rms, Tensor? residual=None, "
+  def(
+      "norm_fwd", "(Tensor x, Tensor? weight, Tensor? bias, float eps, bool is_rms, Tensor? residual=None, "
       "Tensor? seed=None, float p=0.0, bool residual_in_fp32=False, bool store_h=True) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients with respect to the norm input x (plus dh, the gradient reaching it directly),
   // weight and bias (empty when absent), and, with a seed, dropout(dx) with forward's mask
   // (the gradient of the fused block's x; else empty). Deterministic: no atomics.
-  m.def(
-      "norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
+  def(
+      "norm_bwd", "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
       "Tensor? dh=None, Tensor? seed=None, float p=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // BatchNorm, in four steps (so SyncBatchNorm can reduce across ranks in between) over
   // x of shape (N, C, S) with any strides, statistics per channel over N and S in
   // float32 (float64 for float64 x); outputs keep the layout of x.
   // (mean, biased variance) per channel; deterministic.
-  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  def("bn_stats", "(Tensor x) -> (Tensor, Tensor)");
   // y = (x - mean) / sqrt(var + eps) * weight + bias
-  m.def("bn_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  def("bn_apply", "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   // (sum dy, sum dy * xhat) per channel: dbias and dweight; deterministic.
-  m.def("bn_bwd_reduce(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor)");
+  def("bn_bwd_reduce", "(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps) -> (Tensor, Tensor)");
   // dx; with the sums, of batch statistics over `count` values, else of fixed statistics.
-  m.def(
-      "bn_bwd_apply(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
+  def(
+      "bn_bwd_apply", "(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, float eps, "
       "Tensor? sum_dy=None, Tensor? sum_dy_xhat=None, int count=0) -> Tensor");
 
   // Optimizer steps over lists of tensors of one device (multi-tensor), updated in place.
@@ -66,14 +86,14 @@ TORCH_LIBRARY(fastreg, m) {
   // fastreg/_reference.py (sgd_step_, adam_step_) states the update term by term.
   // g = grad * inv_grad_scale, negated if maximize; buf = g on first_step, else
   // momentum * buf + (1 - dampening) * g (L2: g += weight_decay * w first).
-  m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
+  def(
+      "sgd_step_", "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
       "float lr, float momentum, float dampening, float weight_decay, float l1, float max_norm, bool nesterov, "
       "bool maximize, bool first_step, float inv_grad_scale) -> ()");
   // Adam (decoupled=false: L2 added to g) and AdamW (decoupled=true: w *= 1 - lr * weight_decay);
   // amsgrad when max_exp_avg_sqs is not empty; the bias corrections 1 - beta^step are the host's.
-  m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+  def(
+      "adam_step_", "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool decoupled, float l1, float max_norm, bool maximize, float bias_correction1, "
       "float bias_correction2, float inv_grad_scale) -> ()");
@@ -85,11 +105,11 @@ TORCH_LIBRARY(fastreg, m) {
   // optionally followed by SiLU: y = silu?((x - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]),
   // statistics per (sample, group of C / groups channels) over its channels and S, returned
   // as (N, groups) float32 (float64 for float64 x); y keeps x's layout (empty_like).
-  m.def("gn_fwd(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  def("gn_fwd", "(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)");
   // (dx in x's layout, dweight, dbias; empty where there is no weight / bias). With silu the
   // pre-activation is recomputed from x. Deterministic: per-sample partial sums in float32
   // (float64) reduced over the samples in order, no atomics.
-  m.def(
-      "gn_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, "
+  def(
+      "gn_bwd", "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, "
       "bool silu) -> (Tensor, Tensor, Tensor)");
 }

@@ -5,7 +5,7 @@
     fastreg.available_backends()             # e.g. ['triton', 'cuda', 'cpu', 'torch']
 """
 
-from fastreg import _ops  # noqa: F401  (registers the operators)
+from fastreg import ops  # noqa: F401  (registers the operators)
 from fastreg import functional, nn, optim
 from fastreg._backend import available_backends, backend_supports, get_backend, set_backend, use_backend
 from fastreg._convert import convert

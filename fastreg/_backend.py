@@ -65,9 +65,10 @@ def _why_not(name: str, device_type: str) -> str | None:
             return "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before importing triton"
         if device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
-        return None
     if not _ext.loaded():
         return f"the compiled extension fastreg._C is not importable ({_ext.load_error()}); {_ext.BUILD_HINT}"
+    if name == "triton":  # its ops' schemas and autograd are in the extension
+        return None if _ext.defines("dropout_triton") else f"fastreg._C predates the Triton ops; {_ext.BUILD_HINT}"
     if name == "cpu":
         return None if device_type == "cpu" else "the 'cpu' backend runs CPU tensors; use 'cuda' or 'triton' for CUDA tensors"
     # name == "cuda"

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastreg import _ops
+from fastreg.ops.batch_norm import BN_APPLY, BN_BWD_APPLY, BN_BWD_REDUCE, BN_STATS
 from fastreg._backend import choose_backend
 
 
@@ -27,7 +27,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps, training, count, backend, reduce_sums):
-        y = _ops.impl("bn_apply", backend)(as_ncs(x), mean, var, weight, bias, eps).view(x.shape)
+        y = BN_APPLY[backend](as_ncs(x), mean, var, weight, bias, eps).view(x.shape)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps, ctx.training, ctx.count, ctx.backend, ctx.reduce_sums = eps, training, count, backend, reduce_sums
         ctx.has_bias = bias is not None
@@ -37,7 +37,7 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, mean, var = ctx.saved_tensors
         x3, dy3 = as_ncs(x), as_ncs(grad_y)
-        sum_dy, sum_dy_xhat = _ops.impl("bn_bwd_reduce", ctx.backend)(dy3, x3, mean, var, ctx.eps)
+        sum_dy, sum_dy_xhat = BN_BWD_REDUCE[ctx.backend](dy3, x3, mean, var, ctx.eps)
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias else None
         grad_x = None
@@ -45,10 +45,10 @@ class _BatchNormFunction(torch.autograd.Function):
             if ctx.training:
                 if ctx.reduce_sums is not None:  # the whole batch's sums, across ranks
                     sum_dy, sum_dy_xhat = ctx.reduce_sums(sum_dy, sum_dy_xhat)
-                grad_x = _ops.impl("bn_bwd_apply", ctx.backend)(
+                grad_x = BN_BWD_APPLY[ctx.backend](
                     dy3, x3, mean, var, weight, ctx.eps, sum_dy, sum_dy_xhat, ctx.count)
             else:
-                grad_x = _ops.impl("bn_bwd_apply", ctx.backend)(dy3, x3, mean, var, weight, ctx.eps)
+                grad_x = BN_BWD_APPLY[ctx.backend](dy3, x3, mean, var, weight, ctx.eps)
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
@@ -63,7 +63,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     backend = choose_backend(x.device.type)
     if training:
         count = x.shape[0] * math.prod(x.shape[2:])
-        mean, var = _ops.impl("bn_stats", backend)(as_ncs(x.detach()))
+        mean, var = BN_STATS[backend](as_ncs(x.detach()))
         if sync_stats is not None:
             count, mean, var = sync_stats(count, mean, var)
         with torch.no_grad():  # torch's update, term for term

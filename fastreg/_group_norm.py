@@ -7,9 +7,9 @@ Inputs (N, C, *spatial) are handled as 3-D views (N, C, S) in their own memory f
 
 import torch
 
-from fastreg import _ops
 from fastreg._batch_norm import as_ncs
 from fastreg._backend import choose_backend
+from fastreg.ops.group_norm import GN_BWD, GN_FWD
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -19,7 +19,7 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, silu, backend):
-        y, mean, rstd = _ops.impl("gn_fwd", backend)(as_ncs(x), weight, bias, groups, eps, silu)
+        y, mean, rstd = GN_FWD[backend](as_ncs(x), weight, bias, groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.groups, ctx.silu, ctx.backend = groups, silu, backend
         ctx.mark_non_differentiable(mean, rstd)
@@ -31,7 +31,7 @@ class _GroupNormFunction(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if grad_y is None:  # backward reached through mean / rstd alone (gradcheck does)
             grad_y = torch.zeros_like(x)
-        grad_x, grad_weight, grad_bias = _ops.impl("gn_bwd", ctx.backend)(
+        grad_x, grad_weight, grad_bias = GN_BWD[ctx.backend](
             as_ncs(grad_y), as_ncs(x), weight, bias, mean, rstd, ctx.groups, ctx.silu)
         return (
             grad_x.view(x.shape) if ctx.needs_input_grad[0] else None,

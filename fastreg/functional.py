@@ -1,7 +1,7 @@
 """fastreg's ops with the signatures of torch.nn.functional.
 
 Each call checks its arguments as torch does, asks fastreg._backend for the backend and
-runs the op there; autograd is registered on the ops themselves (fastreg/_ops.py).
+runs the op there; autograd is registered on the ops themselves (fastreg/ops/).
 Arguments fastreg's kernels do not take (integer or complex tensors, tensors on different
 devices, shapes or options torch rejects) go to torch's own function instead, which
 raises torch's error in torch's words and in torch's order of checks on every torch
@@ -11,13 +11,14 @@ version (or returns torch's result, where torch takes them).
 import math
 import operator
 import warnings
-from functools import partial
 
 import torch
 import torch.nn.functional as torch_F
 
-from fastreg import _batch_norm, _group_norm, _ops, _reference, _rng
+from fastreg import _batch_norm, _group_norm, _reference, _rng
 from fastreg._backend import choose_backend
+from fastreg.ops.dropout import DROPOUT, DROPOUT_
+from fastreg.ops.norm import NORM_FWD
 
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
@@ -46,12 +47,12 @@ def _masked(x: torch.Tensor, p: float, inplace: bool, inner: int, op: str) -> to
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device)
     if not inplace:
-        return _ops.impl("dropout", backend)(x, seed, p, 0, inner)
+        return DROPOUT[backend](x, seed, p, 0, inner)
     if backend != "torch" and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
-        _ops.impl("dropout_", backend)(x, seed, p, 0, inner)
+        DROPOUT_[backend](x, seed, p, 0, inner)
         return x
     # Autograd records the in-place copy (and raises as torch does for a leaf).
-    return x.copy_(_ops.impl("dropout", backend)(x, seed, p, 0, inner))
+    return x.copy_(DROPOUT[backend](x, seed, p, 0, inner))
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
@@ -176,7 +177,7 @@ def dropout_add(
         seed = _rng.new_seed(x.device)
     else:  # the same fused pass with nothing dropped; eval leaves the RNG untouched
         p, seed = 0.0, torch.zeros((), dtype=torch.int64, device=x.device)
-    return _ops.impl("dropout", backend)(x, seed, p, 0, 1, bias, residual)
+    return DROPOUT[backend](x, seed, p, 0, 1, bias, residual)
 
 
 # ------------------------------------------------------------------ LayerNorm / RMSNorm
@@ -210,12 +211,7 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     # h is written only when it is returned or backward will need it
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    # eager differentiable calls of the C++ and Triton ops through a lean autograd.Function;
-    # torch.compile takes the ops' registered autograd; the torch reference is
-    # differentiated by autograd itself
-    norm_fwd = _ops.impl("norm_fwd", backend)
-    if needs_grad and backend != "torch" and not torch.compiler.is_compiling():
-        norm_fwd = partial(_ops.NormFunction.apply, backend)
+    norm_fwd = NORM_FWD[backend]
     y, h, _, _ = norm_fwd(
         rows,
         weight.reshape(-1) if weight is not None else None,

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import fastreg
-from fastreg import _ops, _reference
+from fastreg import _reference
+from fastreg.ops.optim import ADAM_STEP, SGD_STEP, add_to_steps_
+
+STEP_OPS = {"sgd": SGD_STEP, "adam": ADAM_STEP}
 from tests.conftest import needs_gpu
 
 # relative to the tensor's largest element: elementwise relative errors of elements near
@@ -570,7 +573,7 @@ def test_step_ops_match_the_reference(kernel_backend, kind, with_state, scalars,
     _skip_without_step_kernel(name)
     ours = _op_inputs(kind, dtype, masters, with_state, device)
     expected = _op_inputs(kind, dtype, masters, with_state, device)
-    _call(_ops.impl(f"{kind}_step_", name), kind, ours, **scalars)
+    _call(STEP_OPS[kind][name], kind, ours, **scalars)
     _call(getattr(_reference, f"{kind}_step_"), kind, expected, **scalars)
     value_dtype = torch.float32 if masters else dtype
     for key in ours:
@@ -621,13 +624,13 @@ def test_step_counts_are_incremented_on_the_host():
     if not fastreg._ext.has_kernel("add_to_steps_", "CPU"):
         pytest.skip(f"fastreg._C is not built: {fastreg._ext.load_error()}")
     steps = [torch.tensor(0.0), torch.tensor(41.0)]
-    _ops.add_to_steps_(steps, 1.0)
+    add_to_steps_(steps, 1.0)
     assert [s.item() for s in steps] == [1.0, 42.0]
     torch.library.opcheck(torch.ops.fastreg.add_to_steps_.default, (steps, 1.0))
     with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 CPU scalar, got Double"):
-        _ops.add_to_steps_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)
+        add_to_steps_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)
     with pytest.raises(RuntimeError, match="with 2 elements"):
-        _ops.add_to_steps_([torch.zeros(2)], 1.0)
+        add_to_steps_([torch.zeros(2)], 1.0)
 
 
 def test_optimizer_pickles_and_deep_copies():

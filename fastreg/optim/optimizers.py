@@ -15,7 +15,8 @@ import itertools
 
 import torch
 
-from fastreg import _backend, _ops
+from fastreg import _backend
+from fastreg.ops.optim import ADAM_STEP, SGD_STEP, add_to_steps_
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED_DTYPES = (torch.float32, torch.float64) + _LOW_PRECISION
@@ -205,7 +206,7 @@ class SGD(_FastregStep, torch.optim.SGD):
                 if value is not p:
                     bucket[3].append(value)
             for (device, _, _, first_step), (params, grads, bufs, masters) in buckets.items():
-                op = _ops.impl("sgd_step_", _backend.choose_backend(device.type))
+                op = SGD_STEP[_backend.choose_backend(device.type)]
                 lists, pairs = _contiguous_lists(params, grads, bufs, masters)
                 op(*lists, float(group["lr"]), float(momentum), float(group["dampening"]),
                    float(group["weight_decay"]), float(group["l1"]), float(group["max_norm"] or 0.0),
@@ -252,14 +253,14 @@ class _AdamStep(_FastregStep):
                 masters = [v for v, p in zip(values, params) if v is not p]
                 lists, pairs = _contiguous_lists(params, grads, exp_avgs, exp_avg_sqs,
                                                  maxes if amsgrad else [], masters)
-                op = _ops.impl("adam_step_", _backend.choose_backend(device.type))
+                op = ADAM_STEP[_backend.choose_backend(device.type)]
                 # bias corrections as torch.optim forms them, in double on the host
                 op(*lists, float(group["lr"]), beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
                    bool(group["decoupled_weight_decay"]), float(group["l1"]), float(group["max_norm"] or 0.0),
                    bool(group["maximize"]), 1 - beta1**step, 1 - beta2**step, inv_grad_scale)
                 for original, copy in pairs:
                     original.copy_(copy)
-                _ops.add_to_steps_(steps, 1.0)
+                add_to_steps_(steps, 1.0)
         return loss
 
 
