@@ -151,7 +151,8 @@ def _updated_value(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, mast
         _store(state0_ptr, offs, _cast(m, state0_ptr.dtype.element_ty), mask, MASKED)
         _store(state1_ptr, offs, _cast(v, state1_ptr.dtype.element_ty), mask, MASKED)
         if AMSGRAD:
-            v = tl.maximum(_load(state2_ptr, offs, mask, MASKED).to(ACC), v)
+            # NaN in either stays NaN, as torch.maximum
+            v = tl.maximum(_load(state2_ptr, offs, mask, MASKED).to(ACC), v, propagate_nan=tl.PropagateNan.ALL)
             _store(state2_ptr, offs, _cast(v, state2_ptr.dtype.element_ty), mask, MASKED)
         denom = _div(_sqrt(v, FP64), tl.load(scalars_ptr + _BC2_SQRT).to(ACC), FP64)
         denom = denom + tl.load(scalars_ptr + _EPS).to(ACC)
