@@ -94,58 +94,50 @@ def test_layer_norm_past_2_31(cpu_backend):
     assert dweight.isfinite().all() and dbias.isfinite().all()
 
 
-def _channel_moments(x, constant, last):
-    """(count, mean, biased var) per channel, float64, of x whose samples but the last
-    hold `constant[c]` everywhere and the last holds `last` (C, S)."""
-    n, s = x.shape[0], last.shape[1]
-    count = n * s
-    last = last.double()
-    mean = ((n - 1) * s * constant + last.sum(1)) / count
-    var = ((n - 1) * s * (constant - mean) ** 2 + ((last - mean[:, None]) ** 2).sum(1)) / count
-    return count, mean, var
-
-
 def test_batch_norm_past_2_31(cpu_backend):
     """BatchNorm over (1025, 2, 1024, 1024): the last sample sits past 2**31 elements and
-    carries the only values that differ from a per-channel constant, so the statistics,
-    the running statistics, y and dx (dy = x) have closed forms."""
+    carries the only values that differ from a per-channel constant a[c], as a[c] +- d
+    pairs (bfloat16-exact), so the batch mean is a[c] exactly and the statistics, the
+    running statistics, y and dx (dy = x) have closed forms."""
     generator = torch.Generator().manual_seed(0)
     n, c, h, w = 1025, 2, 1024, 1024
+    s = h * w
     constant = torch.tensor([0.5, -1.25], dtype=torch.float64)
+    half = torch.randint(-15, 16, (c, s // 2), generator=generator).double() / 64
+    offsets = torch.cat([half, -half], 1)[:, torch.randperm(s, generator=generator)]  # sums to 0 per channel
     x = torch.empty(n, c, h, w, dtype=DTYPE)
     x[:-1].copy_(constant.to(DTYPE)[None, :, None, None].expand(n - 1, c, h, w))
-    x[-1].copy_(torch.randn(c, h, w, generator=generator).to(DTYPE) * 2 + 1)
-    assert x.numel() > TWO31
-    last = x[-1].reshape(c, -1)
-    count, mean, var = _channel_moments(x, constant, last)
+    x[-1].copy_((constant[:, None] + offsets).view(c, h, w).to(DTYPE))
+    assert x.numel() > TWO31 and torch.equal(x[-1].double().view(c, s), constant[:, None] + offsets)
+    count = n * s
+    mean, var = constant, (offsets**2).sum(1) / count
     weight, bias = torch.tensor([1.5, 0.75]), torch.tensor([0.25, -0.5])
     running_mean, running_var = torch.zeros(c), torch.ones(c)
     eps = 1e-5
     y = F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, eps)
     rstd = (var + eps).rsqrt()
+    scale = rstd * weight.double()
 
-    def normalized(values):  # values (C, k) -> y (C, k)
-        return ((values.double() - mean[:, None]) * rstd[:, None] * weight.double()[:, None]
-                + bias.double()[:, None])
+    def bf16(t):
+        return t.to(DTYPE).double()
 
-    torch.testing.assert_close(y[-1].reshape(c, -1).double(), normalized(last).to(DTYPE).double(), **TOL)
-    torch.testing.assert_close(y[0, :, 0, 0].double(), normalized(constant[:, None])[:, 0].to(DTYPE).double(), **TOL)
+    torch.testing.assert_close(y[-1].view(c, s).double(), bf16(offsets * scale[:, None] + bias.double()[:, None]),
+                               **TOL)
+    torch.testing.assert_close(y[0, :, 0, 0].double(), bf16(bias.double()), **TOL)
     torch.testing.assert_close(running_mean.double(), 0.1 * mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * var * count / (count - 1), atol=1e-6, rtol=1e-5)
     del y
-    x3 = x.view(n, c, -1)
+    x3 = x.view(n, c, s)
     sum_dy, sum_dy_xhat = torch.ops.fastreg.bn_bwd_reduce(x3, x3, mean.float(), var.float(), eps)
-    torch.testing.assert_close(sum_dy.double(), mean * count, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(sum_dy_xhat.double(), rstd * var * count, atol=1e-3, rtol=1e-4)
+    # sum dy = count * a; sum dy * xhat = rstd * sum (a + d) d = rstd * count * var
+    torch.testing.assert_close(sum_dy.double(), mean * count, atol=0, rtol=1e-5)
+    # rtol 2e-2: the CPU kernel sums a row of S = 2**20 products sequentially in float32,
+    # whose rounding reaches about 6e-3 here (a wrong element read would be off by O(1))
+    torch.testing.assert_close(sum_dy_xhat.double(), rstd * var * count, atol=0, rtol=2e-2)
     dx = torch.ops.fastreg.bn_bwd_apply(x3, x3, mean.float(), var.float(), weight, eps, sum_dy, sum_dy_xhat, count)
-
-    def expected_dx(values):  # dy = x: (dy - mean(dy) - xhat * mean(dy * xhat)) * w * rstd
-        xhat = (values.double() - mean[:, None]) * rstd[:, None]
-        return (values.double() - mean[:, None] - xhat * (rstd * var)[:, None]) * (weight.double() * rstd)[:, None]
-
-    torch.testing.assert_close(dx[-1].double(), expected_dx(last).to(DTYPE).double(), **TOL)
-    torch.testing.assert_close(dx[0, :, :4].double(), expected_dx(constant[:, None].expand(c, 4)).to(DTYPE).double(),
-                               **TOL)
+    # dy = x: dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * rstd = (d - d * rstd^2 var) * w * rstd
+    torch.testing.assert_close(dx[-1].double(), bf16(offsets * (1 - rstd**2 * var)[:, None] * scale[:, None]), **TOL)
+    torch.testing.assert_close(dx[0].double(), torch.zeros(c, s, dtype=torch.float64), **TOL)
 
 
 def test_group_norm_past_2_31(cpu_backend):
