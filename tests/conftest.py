@@ -21,7 +21,7 @@ import fastreg  # noqa: E402
 # `pytest --hypothesis-profile=long` draws many more, from a fresh seed each run.
 _HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=30, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
 settings.register_profile("long", max_examples=1000, **_HYPOTHESIS_COMMON)
 settings.load_profile("ci")  # --hypothesis-profile, read after this file, overrides it
 

@@ -52,11 +52,11 @@ def seeds():
 
 def examples(backend: str, cost: int = 1) -> int:
     """Examples per test for `backend` under the loaded profile: the interpreted triton
-    backend (about 0.5 s per kernel launch) gets a sixth, and `cost` (launches per example
+    backend (0.1 to 0.5 s per kernel launch) gets a third, and `cost` (launches per example
     beyond the usual few) divides further."""
     n = settings.default.max_examples
     if backend == "triton" and not GPU:
-        n = max(3, n // 6)
+        n = max(3, n // 3)
     return max(2, n // cost)
 
 
