@@ -226,6 +226,22 @@ def _cases(device):
             _x(*((2, 4) + (3,) * r), device=d))),
              bn(lambda c=cls, r=rank: getattr(torch.nn, c)(3, device=d)(_x(*((2, 4) + (3,) * r), device=d))))
 
+    for dtype in (INT, COMPLEX):
+        n = str(dtype).split(".")[-1]
+        case(f"SyncBatchNorm-{n}", lambda t=dtype: fastreg.nn.SyncBatchNorm(4, device=d)(x4(t)),
+             lambda t=dtype: torch.nn.SyncBatchNorm(4, device=d)(x4(t)))
+        case(f"DropoutAddLayerNorm-{n}", lambda t=dtype: fastreg.nn.DropoutAddLayerNorm(5, p=0.1, device=d)(x3(t)),
+             lambda t=dtype: _fused_norm_torch(x3(t), None, torch.ones(5, device=d), torch.zeros(5, device=d), 0.1))
+        case(f"DropoutAddRMSNorm-{n}", lambda t=dtype: fastreg.nn.DropoutAddRMSNorm(5, device=d)(x3(t), x3(t)),
+             lambda t=dtype: _fused_norm_torch(x3(t), x3(t), torch.ones(5, device=d), None, 0.0, eps=None,
+                                               is_rms=True))
+    case("SyncBatchNorm-rank1", lambda: fastreg.nn.SyncBatchNorm(4, device=d)(_x(4, device=d)),
+         lambda: torch.nn.SyncBatchNorm(4, device=d)(_x(4, device=d)))
+    case("SyncBatchNorm-wrong-channels", lambda: fastreg.nn.SyncBatchNorm(3, device=d)(x4()),
+         lambda: torch.nn.SyncBatchNorm(3, device=d)(x4()))
+    case("DropoutAddLayerNorm-wrong-size", lambda: fastreg.nn.DropoutAddLayerNorm(4, device=d)(x3()),
+         lambda: _fused_norm_torch(x3(), None, torch.ones(4, device=d), torch.zeros(4, device=d), 0.0))
+
     # ------------------------------------------------------------ GroupNorm / InstanceNorm
     for dtype in (INT, COMPLEX):
         n = str(dtype).split(".")[-1]
