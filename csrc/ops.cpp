@@ -32,7 +32,9 @@ TORCH_LIBRARY(fastreg, m) {
   const auto def = [&m](const std::string& name, const std::string& signature) {
     def_with_triton_twin(m, name, signature);
   };
-  // out = residual + (x + bias) * keep * scale over the contiguous x. `seed` is an int64
+  // Every op takes every tensor argument with any strides: the kernels read them through
+  // their strides or through a contiguous copy made once (none of a contiguous tensor).
+  // out = residual + (x + bias) * keep * scale over x in row-major order. `seed` is an int64
   // tensor of one element on x's device; element i takes stream position
   // offset + i / inner of the Philox stream (see csrc/include/fastreg/philox.h), so
   // inner > 1 drops whole groups (channel dropout, drop path). Backward is this
@@ -40,10 +42,10 @@ TORCH_LIBRARY(fastreg, m) {
   def(
       "dropout", "(Tensor x, Tensor seed, float p, int offset=0, int inner=1, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
-  // In-place form of the above without bias and residual; x must be contiguous.
+  // In-place form of the above without bias and residual.
   def("dropout_", "(Tensor(a!) x, Tensor seed, float p, int offset=0, int inner=1) -> ()");
 
-  // LayerNorm (is_rms=false) or RMSNorm of the rows of a 2-D, row-contiguous x, optionally
+  // LayerNorm (is_rms=false) or RMSNorm of the rows of a 2-D x, optionally
   // of h = residual + dropout(x) (when residual or seed is given; dropout on the same
   // stream as `dropout`, element (i, j) at position i * N + j). Returns (y, h, mean, rstd):
   // h is empty unless fused and store_h (backward needs it; inference may not); mean
@@ -77,7 +79,7 @@ TORCH_LIBRARY(fastreg, m) {
   // The value updated is masters[i] when masters is given (float32 copies of low-precision
   // params; params[i] then receives the rounded result), else params[i]; the optimizer
   // states have its dtype, grads have the params' dtype. Arithmetic in float32 (float64
-  // for float64 values). Every tensor is contiguous. After the update, in the same pass:
+  // for float64 values). After the update, in the same pass:
   //   l1 > 0:       w = sign(w) * max(|w| - lr * l1, 0)                (proximal L1 step)
   //   max_norm > 0: each row (dim 0) of a tensor of >= 2 dims is scaled by
   //                 max_norm / ||row|| where ||row|| > max_norm         (max-norm projection)

@@ -269,7 +269,7 @@ def gn_fwd(x, weight, bias, groups, eps, silu):
     shape, x = x.shape, _as_ncs(x)
     N, C, S = x.shape
     acc = _acc(x)
-    values = x.to(acc).reshape(N, groups, -1)
+    values = x.to(acc).reshape(N, groups, C // groups * S)  # not -1: N may be 0
     mean = values.mean(-1)
     rstd = torch.rsqrt((values - mean[..., None]).pow(2).mean(-1) + eps)
     z = ((values - mean[..., None]) * rstd[..., None]).reshape(N, C, S)

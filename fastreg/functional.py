@@ -2,12 +2,18 @@
 
 Each call checks its arguments as torch does, asks fastreg._backend for the backend and
 runs the op there; autograd is registered on the ops themselves (fastreg/ops/).
+Arguments fastreg's kernels do not take (integer or complex tensors, tensors on different
+devices, shapes or options torch rejects) go to torch's own function instead, which
+raises torch's error in torch's words and in torch's order of checks on every torch
+version (or returns torch's result, where torch takes them).
 """
 
 import math
+import operator
 import warnings
 
 import torch
+import torch.nn.functional as torch_F
 
 from fastreg import _batch_norm, _reference, _rng
 from fastreg._backend import choose_backend
@@ -27,14 +33,18 @@ def _check_probability(p: float, what: str = "dropout probability") -> None:
         raise ValueError(f"{what} has to be between 0 and 1, but got {p}")
 
 
-def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
-    if not tensor.is_floating_point():
-        raise RuntimeError(f"fastreg.{op}: expected a floating-point '{name}', got {tensor.dtype}")
+def _torch_decides(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether fastreg's kernels do not take these tensors (None: an absent optional one):
+    one is not floating point, or they are not all on one device. The caller then returns
+    what torch's function does with the same arguments."""
+    if not first.is_floating_point():
+        return True
+    device = first.device
+    return any(t is not None and (not t.is_floating_point() or t.device != device) for t in others)
 
 
 def _masked(x: torch.Tensor, p: float, inplace: bool, inner: int, op: str) -> torch.Tensor:
     """x * keep / (1 - p) with one draw per `inner` consecutive elements (mask-free)."""
-    _check_floating("input", x, op)
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device)
     if not inplace:
@@ -51,6 +61,8 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     _check_probability(p)
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if _torch_decides(input):
+        return torch_F.dropout(input, p, training, inplace)
     return _masked(input, p, inplace, inner=1, op="dropout")
 
 
@@ -60,6 +72,8 @@ def _feature_dropout(x: torch.Tensor, p: float, training: bool, inplace: bool, o
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     if not training or p == 0.0 or x.numel() == 0:
         return x
+    if _torch_decides(x):
+        return torch.feature_dropout_(x, p, training) if inplace else torch.feature_dropout(x, p, training)
     return _masked(x, p, inplace, inner=x[0, 0].numel(), op=op)
 
 
@@ -127,6 +141,8 @@ def drop_path(input: torch.Tensor, p: float, training: bool = True) -> torch.Ten
         raise RuntimeError("fastreg.drop_path: 'input' needs a batch dimension (dim 0), got a 0-dim tensor")
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if _torch_decides(input):  # fails as dropout does
+        return torch_F.dropout(input, p, training)
     return _masked(input, p, inplace=False, inner=input[0].numel(), op="drop_path")
 
 
@@ -139,7 +155,8 @@ def dropout_add(
 ) -> torch.Tensor:
     """residual + dropout(x + bias, p) in one pass (bias: 1-D of size x.shape[-1])."""
     _check_probability(p)
-    _check_floating("x", x, "dropout_add")
+    if _torch_decides(x, residual, bias):  # fails as the composition does
+        return residual + torch_F.dropout(x if bias is None else x + bias, p, training)
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise RuntimeError(
             f"fastreg.dropout_add: 'residual' must match x in shape, dtype and device; got "
@@ -154,8 +171,8 @@ def dropout_add(
             f"fastreg.dropout_add: 'bias' must be 1-D of size x.shape[-1] with x's dtype and device; "
             f"got {tuple(bias.shape)} {bias.dtype} {bias.device} for x {tuple(x.shape)} {x.dtype}"
         )
-    if x.numel() == 0:
-        return residual + x
+    if x.numel() == 0:  # nothing to draw; bias still in the graph (a zero gradient, as torch's)
+        return residual + (x if bias is None else x + bias)
     backend = choose_backend(x.device.type)
     if training:
         seed = _rng.new_seed(x.device)
@@ -167,23 +184,22 @@ def dropout_add(
 # ------------------------------------------------------------------ LayerNorm / RMSNorm
 
 
-def _check_norm_args(x, normalized_shape, weight, bias, op):
-    """torch's checks of layer_norm / rms_norm arguments, with torch's messages; returns the shape."""
-    shape = (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
-    if not x.is_floating_point():
-        _check_floating("input", x, op)
-    if not shape or x.shape[-len(shape):] != shape or x.dim() < len(shape):
-        separator = ", " if op == "layer_norm" else ""
-        raise RuntimeError(
-            f"Given normalized_shape={list(shape)}, expected input with shape [*{separator}"
-            f"{', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
-        )
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and param.shape != shape:
-            raise RuntimeError(
-                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-                f"{list(param.shape)} and normalized_shape = {list(shape)}"
-            )
+def _norm_shape(x, normalized_shape, weight, bias):
+    """normalized_shape as a tuple where fastreg's kernels take these arguments (torch's
+    checks of layer_norm / rms_norm pass), else None: torch's function then decides."""
+    if type(normalized_shape) is int:
+        shape = (normalized_shape,)
+    else:
+        try:
+            shape = (operator.index(normalized_shape),) if not hasattr(normalized_shape, "__iter__") else \
+                tuple(map(operator.index, normalized_shape))
+        except TypeError:
+            return None
+    if _torch_decides(x, weight, bias) or not shape or x.dim() < len(shape) or \
+            x.shape[x.dim() - len(shape):] != shape:
+        return None
+    if weight is not None and weight.shape != shape or bias is not None and bias.shape != shape:
+        return None
     return shape
 
 
@@ -194,12 +210,16 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     # as rows (no reshape of a 2-D x: in eager mode each view is one more autograd node);
     # contiguous() returns a contiguous tensor itself
     as_rows = x.dim() != 2 or len(shape) != 1
-    rows = x.reshape(-1, n).contiguous() if as_rows else x.contiguous()
+    if as_rows:
+        m = math.prod(x.shape[:x.dim() - len(shape)])  # not -1: n may be 0
+        rows = x.reshape(m, n).contiguous()
+        residual = residual.reshape(m, n).contiguous() if residual is not None else None
+    else:
+        rows = x.contiguous()
+        residual = residual.contiguous() if residual is not None else None
     if len(shape) > 1:
         weight = weight.reshape(-1) if weight is not None else None
         bias = bias.reshape(-1) if bias is not None else None
-    if residual is not None:
-        residual = residual.reshape(-1, n).contiguous() if as_rows else residual.contiguous()
     backend = choose_backend(x.device.type)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
     # h is written only when it is returned or backward will need it
@@ -220,26 +240,44 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """torch.nn.functional.layer_norm; statistics in float32, deterministic backward."""
-    shape = _check_norm_args(input, normalized_shape, weight, bias, "layer_norm")
+    shape = _norm_shape(input, normalized_shape, weight, bias)
+    if shape is None:
+        return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
     return _norm(input, shape, weight, bias, eps, is_rms=False)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps: float | None = None) -> torch.Tensor:
     """torch.nn.functional.rms_norm (eps=None: the machine epsilon of input's dtype)."""
-    shape = _check_norm_args(input, normalized_shape, weight, None, "rms_norm")
+    shape = _norm_shape(input, normalized_shape, weight, None)
+    if shape is None:
+        return torch_F.rms_norm(input, normalized_shape, weight, eps)
     return _norm(input, shape, weight, None, torch.finfo(input.dtype).eps if eps is None else eps, is_rms=True)
 
 
-def _check_fused_norm_args(x, residual, weight, bias, p, op):
+def _fused_norm_shape(x, residual, weight, bias, p, op):
+    """The normalized shape (x's last dim) where fastreg's kernels take these arguments,
+    else None: the composition of torch's ops (_composed_norm) then decides."""
     _check_probability(p)
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
+    if _torch_decides(x, residual, weight, bias) or x.dim() == 0:
+        return None
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise RuntimeError(
             f"fastreg.{op}: 'residual' must match x in shape, dtype and device; got "
             f"{tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}"
         )
-    if x.dim() == 0:
-        raise RuntimeError(f"fastreg.{op}: 'x' must have at least one dimension")
-    return _check_norm_args(x, x.shape[-1:], weight, bias, op)
+    return _norm_shape(x, x.shape[-1:], weight, bias)
+
+
+def _composed_norm(x, residual, weight, bias, p, eps, training, prenorm, is_rms):
+    """The fused block in torch's ops: norm(residual + dropout(x)), and h when prenorm."""
+    h = torch_F.dropout(x, p, training)
+    if residual is not None:
+        h = residual + h
+    if is_rms:
+        y = torch_F.rms_norm(h, x.shape[-1:], weight, eps)
+    else:
+        y = torch_F.layer_norm(h, x.shape[-1:], weight, bias, eps)
+    return (y, h) if prenorm else y
 
 
 def dropout_add_layer_norm(x, residual, weight, bias, p, eps=1e-5, training=True, prenorm=False,
@@ -250,13 +288,17 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, eps=1e-5, training=True
     prenorm (h in float32 if residual_in_fp32). residual may be None. The mask is that
     of fastreg.functional.dropout_add for the same seed.
     """
-    shape = _check_fused_norm_args(x, residual, weight, bias, p, "dropout_add_layer_norm")
+    shape = _fused_norm_shape(x, residual, weight, bias, p, "dropout_add_layer_norm")
+    if shape is None:
+        return _composed_norm(x, residual, weight, bias, p, eps, training, prenorm, is_rms=False)
     return _norm(x, shape, weight, bias, eps, False, residual, p, training, prenorm, residual_in_fp32)
 
 
 def dropout_add_rms_norm(x, residual, weight, p, eps=None, training=True, prenorm=False, residual_in_fp32=False):
     """rms_norm(residual + dropout(x, p)) over the last dim; see dropout_add_layer_norm."""
-    shape = _check_fused_norm_args(x, residual, weight, None, p, "dropout_add_rms_norm")
+    shape = _fused_norm_shape(x, residual, weight, None, p, "dropout_add_rms_norm")
+    if shape is None:
+        return _composed_norm(x, residual, weight, None, p, eps, training, prenorm, is_rms=True)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     return _norm(x, shape, weight, None, eps, True, residual, p, training, prenorm, residual_in_fp32)
 
@@ -269,18 +311,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
     """torch.nn.functional.batch_norm: (N, C, *) in its own memory format, statistics in
     float32, running statistics updated in place when training, deterministic backward."""
-    channels = input.shape[1] if input.dim() > 1 else 1
+    if (_torch_decides(input, running_mean, running_var, weight, bias) or input.dim() < 2 or input.numel() == 0
+            or eps < 0.0 or (training and eps <= 0.0) or (running_mean is None) != (running_var is None)
+            or (not training and running_mean is None)
+            or any(t is not None and t.numel() != input.shape[1] for t in (running_mean, running_var, weight, bias))):
+        # torch's errors; an empty batch: torch's result (running statistics left as they are)
+        return torch_F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
-        values = input.shape[0] * math.prod(input.shape[2:])
-        if values <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    elif running_mean is None or running_var is None:
-        raise RuntimeError(f"{'running_mean' if running_mean is None else 'running_var'} must be defined in "
-                           "evaluation mode")
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                         ("bias", bias)):
-        if tensor is not None and tensor.numel() != channels:
-            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        torch_F._verify_batch_size(input.size())
     return _batch_norm.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -289,23 +327,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 _ACTIVATIONS = (None, "silu")
 
 
-def _check_group_norm_args(x, num_groups, weight, bias):
-    """torch's checks of group_norm arguments, in torch's order, with its messages."""
-    if x.dim() < 2:
-        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.dim()}")
-    torch.nn.functional._verify_batch_size([x.size(0) * x.size(1) // num_groups, num_groups] + list(x.size()[2:]))
-    _check_floating("input", x, "group_norm")
-    if x.shape[1] % num_groups != 0:
-        raise RuntimeError(
-            f"Expected number of channels in input to be divisible by num_groups, but got input of shape "
-            f"{list(x.shape)} and num_groups={num_groups}"
-        )
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and (param.dim() != 1 or param.numel() != x.shape[1]):
-            raise RuntimeError(
-                f"Expected {name} to be a vector of size equal to the number of channels in input, but got "
-                f"{name} of shape {list(param.shape)} and input of shape {list(x.shape)}"
-            )
+def _group_norm_runs(x, num_groups, weight, bias):
+    """Whether fastreg's kernels take these group_norm arguments (torch's checks pass)."""
+    if _torch_decides(x, weight, bias) or x.dim() < 2 or num_groups <= 0 or x.shape[1] % num_groups != 0:
+        return False
+    return all(param is None or (param.dim() == 1 and param.numel() == x.shape[1]) for param in (weight, bias))
 
 
 def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
@@ -315,7 +341,11 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     deterministic backward that recomputes the activation instead of storing it."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"fastreg.group_norm: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    _check_group_norm_args(input, num_groups, weight, bias)
+    if not _group_norm_runs(input, num_groups, weight, bias):
+        y = torch_F.group_norm(input, num_groups, weight, bias, eps)  # torch's error
+        return torch_F.silu(y) if activation == "silu" else y
+    if input.numel() == num_groups:  # one value per group: torch's error (no variance)
+        torch_F._verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
     return GN_FWD[choose_backend(input.device.type)](input, weight, bias, num_groups, eps, activation == "silu")[0]
 
 
@@ -325,18 +355,14 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     kernels) when use_input_stats, updating the running statistics as torch does (the
     batch's per-sample mean and unbiased variance, averaged over the samples); else the
     per-channel affine map of the running statistics (BatchNorm's eval kernel)."""
+    if (_torch_decides(input, running_mean, running_var, weight, bias) or input.dim() < 2 or eps < 0.0
+            or (not use_input_stats and (running_mean is None or running_var is None))
+            or any(t is not None and t.numel() != input.shape[1] for t in (running_mean, running_var, weight, bias))):
+        return torch_F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    torch.nn.functional._verify_spatial_size(input.size())
-    batch, channels = input.shape[0], input.shape[1]
-    for name, param in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias)):
-        if param is not None and param.numel() != channels:
-            # torch's message, from the BatchNorm over (1, N * C, *) it runs, the parameters repeated N times
-            raise RuntimeError(f"{name} should contain {batch * channels} elements not {param.numel() * batch}")
-    _check_floating("input", input, "instance_norm")
+    torch_F._verify_spatial_size(input.size())
+    channels = input.shape[1]
     y, mean, rstd = GN_FWD[choose_backend(input.device.type)](input, weight, bias, channels, eps, False)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():  # torch's update: per-sample statistics averaged over the batch

@@ -12,8 +12,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fastreg  # noqa: E402
+
+# Generated cases (tests/test_properties.py, tests/test_nonfinite.py): "ci", the default,
+# is derandomized (the same examples on every run, so a failure reproduces) and small;
+# `pytest --hypothesis-profile=long` draws many more, from a fresh seed each run.
+_HYPOTHESIS_COMMON = dict(deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+settings.register_profile("long", max_examples=1000, **_HYPOTHESIS_COMMON)
+settings.load_profile("ci")  # --hypothesis-profile, read after this file, overrides it
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
@@ -58,3 +68,19 @@ def kernel_backend(request):
     device = skip_unless_runs(request.param)
     with fastreg.use_backend(request.param):
         yield request.param, device
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "large: tensors past 2**31 elements (minutes, GiBs); run only when -m names 'large'")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `large` run only when the -m expression names the marker
+    (`pytest -m large`, `-m "large or not large"`); otherwise they skip saying so."""
+    if "large" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="past 2**31 elements: run with -m large")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)

@@ -208,10 +208,11 @@ def test_bad_arguments_raise_like_torch(backend):
             fastreg.nn.Dropout(p)
         with pytest.raises(ValueError, match="drop probability has to be between 0 and 1"):
             F.drop_path(x, p)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as torch_error:
         torch_F.dropout(torch.arange(4, device=device), 0.5)
-    with pytest.raises(RuntimeError, match="floating-point 'input'"):
+    with pytest.raises(RuntimeError) as ours:  # torch's error, in torch's words (tests/test_errors.py)
         F.dropout(torch.arange(4, device=device), 0.5)
+    assert str(ours.value) == str(torch_error.value)
 
 
 def test_forced_backend_that_cannot_run_says_why():

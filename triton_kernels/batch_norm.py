@@ -145,7 +145,7 @@ def _partial_sums(x, shift, dy=None):
     acc = torch.promote_types(x.dtype, torch.float32)
     channel_blocks = triton.cdiv(C, _BLOCK_C)
     block_p = _block_p(x)
-    per_program = triton.cdiv(triton.cdiv(P, _programs(x, channel_blocks)), block_p) * block_p
+    per_program = max(1, triton.cdiv(triton.cdiv(P, _programs(x, channel_blocks)), block_p)) * block_p
     programs = max(1, triton.cdiv(P, per_program))
     partial_a = torch.zeros((programs, C), dtype=acc, device=x.device)
     partial_b = torch.zeros((programs, C), dtype=acc, device=x.device)
@@ -206,9 +206,10 @@ def bn_bwd_apply(dy, x, mean, var, weight, eps, sum_dy=None, sum_dy_xhat=None, c
     dy * weight / sqrt(var + eps)."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
-    if sum_dy is None:
+    if sum_dy is None:  # dx = dy * scale: x is not read (a NaN in x stays out of dx, as in torch)
         zeros = torch.zeros_like(scale)
-        return _affine(x, mean.contiguous(), zeros, zeros.clone(), dy, scale.contiguous())
+        dy_like_x = dy if dy.dtype == x.dtype and dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
+        return _affine(dy_like_x, zeros, scale.contiguous(), zeros.clone())
     coef_x = -scale * invstd * sum_dy_xhat / count
     coef_one = -scale * sum_dy / count
     return _affine(x, mean.contiguous(), coef_x.contiguous(), coef_one.contiguous(), dy, scale.contiguous())

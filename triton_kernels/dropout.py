@@ -196,8 +196,8 @@ def _launch_device(tensor):
 def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
     """out = residual + (x + bias) * keep / (1 - p), keep drawn from the Philox stream.
 
-    x:        float16 / bfloat16 / float32 / float64 tensor, any shape; it is read in
-              row-major order (a non-contiguous x is copied first).
+    x:        float16 / bfloat16 / float32 / float64 tensor, any shape and strides; it is
+              read in row-major order (every non-contiguous tensor argument is copied first).
     seed:     int64 tensor with one element, on x's device (read inside the kernel, so
               no host synchronization and CUDA-graph safe).
     p:        drop probability in [0, 1].
@@ -205,23 +205,24 @@ def dropout(x, seed, p, offset=0, inner=1, bias=None, residual=None, out=None):
     inner:    elements per random draw (1: plain dropout).
     bias:     optional 1-D tensor of size x.shape[-1], added before dropout.
     residual: optional tensor shaped like x, added after dropout.
-    out:      optional contiguous output, may be x itself (in place).
+    out:      optional output of x's shape and dtype, may be x itself (in place); one that
+              is not contiguous receives a contiguous result.
 
-    Returns out (contiguous, x's shape and dtype). Saves nothing: backward is
+    Returns out (contiguous when not given, x's shape and dtype). Saves nothing: backward is
     `dropout(grad_out, seed, p, offset, inner)`; the bias gradient is its sum over rows.
     Arithmetic is in float32 (float64 for float64 x), rounded once to x's dtype.
     """
     if offset % 4 != 0 or offset < 0:
         raise ValueError(f"offset must be a non-negative multiple of 4, got {offset}")
-    x = x.contiguous()
+    # read (and written) in row-major order: strided views are copied once (contiguous()
+    # returns a contiguous tensor itself), a strided out receives the result afterwards
+    x, bias, residual = (t.contiguous() if t is not None else None for t in (x, bias, residual))
+    if out is not None and not out.is_contiguous():
+        return out.copy_(dropout(x, seed, p, offset, inner, bias, residual))
     if out is None:
         out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    if residual is not None:
-        residual = residual.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
     bias_numel = bias.numel() if bias is not None else 1
     # groups a block of BLOCK_SIZE elements can touch, and the Philox calls covering them
     # from the first group's counter (which may be its call's word 3)

@@ -457,8 +457,9 @@ def _keep_scale(p: float) -> float:
 def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, residual_in_fp32=False, store_h=True):
     """y = norm(h) * weight + bias over the last dim of the 2-D, row-contiguous x.
 
-    x:        (M, N) float32 / float16 / bfloat16 / float64, rows contiguous.
+    x:        (M, N) float32 / float16 / bfloat16 / float64.
     weight, bias: (N,) or None, any float dtype (float32 with low-precision x is fine).
+    Any strides: tensors that are not contiguous are copied to contiguous ones first.
     residual: (M, N) or None; seed: int64 one-element tensor on x's device, or None for
               no dropout; p: drop probability. With either, h = residual + dropout(x) is
               formed in the accumulate dtype (float32; float64 for float64 x) and stored
@@ -470,6 +471,9 @@ def norm_fwd(x, weight, bias, eps, is_rms, residual=None, seed=None, p=0.0, resi
     accumulate dtype, which backward uses with the norm input.
     """
     M, N = x.shape
+    # the kernel reads rows and parameters as contiguous: strided views are copied once
+    # (contiguous() returns a contiguous tensor itself)
+    x, residual, weight, bias = (t.contiguous() if t is not None else None for t in (x, residual, weight, bias))
     fused = residual is not None or seed is not None
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics: float32, float64 for float64
     h_dtype = acc_dtype if residual_in_fp32 else (residual.dtype if residual is not None else x.dtype)
@@ -510,12 +514,13 @@ def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None, seed=None, p=
     norm_fwd; dh: optional (M, N) gradient reaching h directly, added to dx; seed, p: the
     fused block's dropout, to return dropout(dx) with forward's mask as well.
     Returns (dx in x's dtype, dweight in weight's dtype or empty, dbias or empty,
-    dropout(dx) in x's dtype or empty).
+    dropout(dx) in x's dtype or empty). Any strides (non-contiguous tensors are copied first).
     """
     M, N = x.shape
     if dy.shape != x.shape or (dh is not None and dh.shape != x.shape):
         raise ValueError(f"norm_bwd: dy and dh must have x's shape {tuple(x.shape)}")
-    dy = dy.contiguous()
+    # read as contiguous (contiguous() returns a contiguous tensor itself)
+    dy, x, weight, mean, rstd = (t.contiguous() if t is not None else None for t in (dy, x, weight, mean, rstd))
     dx = torch.empty_like(x)
     dx_dropout = torch.empty_like(x) if seed is not None else x.new_empty(0)
     w_dtype = weight.dtype if weight is not None else x.dtype

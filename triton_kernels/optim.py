@@ -33,8 +33,9 @@ its norm exceeds max_norm.
 
 Contract (fastreg::sgd_step_ / adam_step_, term by term in fastreg/_reference.py): the value
 updated is masters[i] (float32) when masters is given, params[i] then receiving it rounded,
-else params[i]; optimizer states have the value's dtype, grads the param's; all contiguous,
-on one device; arithmetic in float32 (float64 for float64 values).
+else params[i]; optimizer states have the value's dtype, grads the param's; any strides
+(non-contiguous tensors go through contiguous copies), on one device; arithmetic in
+float32 (float64 for float64 values).
 """
 
 import collections
@@ -152,7 +153,8 @@ def _updated_value(param_ptr, grad_ptr, state0_ptr, state1_ptr, state2_ptr, mast
         _store(state0_ptr, offs, _cast(m, state0_ptr.dtype.element_ty), mask, MASKED)
         _store(state1_ptr, offs, _cast(v, state1_ptr.dtype.element_ty), mask, MASKED)
         if AMSGRAD:
-            v = tl.maximum(_load(state2_ptr, offs, mask, MASKED).to(ACC), v)
+            # NaN in either stays NaN, as torch.maximum
+            v = tl.maximum(_load(state2_ptr, offs, mask, MASKED).to(ACC), v, propagate_nan=tl.PropagateNan.ALL)
             _store(state2_ptr, offs, _cast(v, state2_ptr.dtype.element_ty), mask, MASKED)
         denom = _div(_sqrt(v, FP64), bias_correction2_sqrt, FP64) + eps
         w = w - step_size * _div(m, denom, FP64)
@@ -365,8 +367,6 @@ def _check_list(name, tensors, params, dtype_of, required):
             raise ValueError(f"{name}[{i}] is on {tensor.device}, params[{i}] on {param.device}")
         if tensor.shape != param.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(tensor.shape)}, params[{i}] {tuple(param.shape)}")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name}[{i}] is not contiguous")
         expected = dtype_of(i)
         if tensor.dtype != expected:
             raise ValueError(f"{name}[{i}] is {tensor.dtype}, expected {expected}")
@@ -387,8 +387,6 @@ def _check_args(params, grads, states, masters, steps):
             raise ValueError(f"params[{i}] is on {param.device}, params[0] on {device}: one device per call")
         if param.dtype not in _TL_DTYPE:
             raise ValueError(f"params[{i}] is {param.dtype}; supported: float32, float64, bfloat16, float16")
-        if not param.is_contiguous():
-            raise ValueError(f"params[{i}] is not contiguous")
     _check_list("masters", masters, params, lambda i: torch.float32, required=False)
 
     def value_dtype(i):
@@ -401,6 +399,19 @@ def _check_args(params, grads, states, masters, steps):
         if len(steps) != len(params):
             raise ValueError(f"steps has {len(steps)} tensors, params {len(params)}")
         _check_scalars("steps", steps, device)
+
+
+def _contiguous_stand_ins(lists, written):
+    """The lists with every non-contiguous tensor replaced by a contiguous copy (the kernel
+    walks a tensor as numel consecutive elements), and the (original, copy) pairs of the
+    lists the step writes (`written`, one flag per list), to copy back afterwards."""
+    if all(t.is_contiguous() for tensors in lists for t in tensors):
+        return lists, []
+    stand_ins, pairs = [], []
+    for tensors, is_written in zip(lists, written):
+        stand_ins.append([t.contiguous() for t in tensors])
+        pairs += [(t, copy) for t, copy in zip(tensors, stand_ins[-1]) if is_written and copy is not t]
+    return stand_ins, pairs
 
 
 def _items(numels, row_lens, project_rows):
@@ -520,8 +531,6 @@ def _plan(params, grads, state_lists, state_names, masters, steps, project):
     if steps is not None:
         flat += steps
     states_spec = list(zip(state_names, state_lists, state_names.required))
-    if not all(map(torch.Tensor.is_contiguous, flat)) or not all(map(torch.Tensor.is_contiguous, grads)):
-        _check_args(params, grads, states_spec, masters, steps)  # raises, naming the tensor
     key = (params[0].device, project, tuple(map(len, state_lists)), len(masters), len(grads),
            tuple(map(torch.Tensor.data_ptr, flat)), tuple(map(attrgetter("shape"), flat)),
            tuple(map(attrgetter("dtype"), flat)), tuple(map(attrgetter("shape"), grads)),
@@ -582,8 +591,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
               nesterov, maximize, first_step, grad_scale=None, found_inf=None):
     """torch.optim.SGD's step over lists of tensors, in place, plus an L1 proximal step and max-norm rows.
 
-    params: list of contiguous tensors (float32, float64, bfloat16 or float16), any shapes, one
-    device; grads: the params' shapes and dtypes; momentum_buffers: one per param in the
+    params: list of tensors (float32, float64, bfloat16 or float16), any shapes and strides
+    (non-contiguous ones are stepped through contiguous copies, written back), one device; grads: the params' shapes and dtypes; momentum_buffers: one per param in the
     value's dtype, or empty when momentum == 0; masters: empty, or one float32 tensor per
     param, updated in place of the param (the param then receives it rounded).
     grad_scale, found_inf: None or float32 scalars on the params' device (GradScaler's),
@@ -595,6 +604,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
     """
     if not params:
         return
+    (params, grads, momentum_buffers, masters), write_back = _contiguous_stand_ins(
+        [params, grads, momentum_buffers, masters], (True, False, True, True))
     buffers = momentum_buffers if momentum != 0 else []
     plan = _plan(params, grads, [buffers, [], []], _SGD_STATES if momentum != 0 else _SGD_STATES_NO_MOMENTUM,
                  masters, None, max_norm > 0)
@@ -604,6 +615,8 @@ def sgd_step_(params, grads, momentum_buffers, masters, lr, momentum, dampening,
                  HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, FIRST_STEP=first_step, AMSGRAD=False,
                  HAS_L1=l1 > 0)
     _launch(plan, scalars, flags, grad_scale, found_inf, masters)
+    for original, copy in write_back:
+        original.copy_(copy)
 
 
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
@@ -622,6 +635,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
     """
     if not params:
         return
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters), write_back = _contiguous_stand_ins(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters], (True, False, True, True, True, True))
     plan = _plan(params, grads, [exp_avgs, exp_avg_sqs, max_exp_avg_sqs], _ADAM_STATES, masters, steps,
                  max_norm > 0)
     _check_amp(grad_scale, found_inf, params[0].device)
@@ -631,6 +646,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, s
                  HAS_MOMENTUM=False, NESTEROV=False, FIRST_STEP=False, AMSGRAD=bool(max_exp_avg_sqs),
                  HAS_L1=l1 > 0)
     _launch(plan, scalars, flags, grad_scale, found_inf, masters)
+    for original, copy in write_back:
+        original.copy_(copy)
 
 
 _SGD_STATES = _StateNames(("momentum_buffers", "unused", "unused"), (True, False, False))

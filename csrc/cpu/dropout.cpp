@@ -82,7 +82,10 @@ at::Tensor dropout_cpu(const at::Tensor& x, const at::Tensor& seed, double p, in
 
 void dropout_cpu_(at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner) {
   check_dropout_args(x, seed, p, offset, inner, std::nullopt, std::nullopt);
-  TORCH_CHECK(x.is_contiguous(), "fastreg::dropout_: 'x' must be contiguous");
+  if (!x.is_contiguous()) {  // the kernel walks x in row-major order: through a contiguous copy
+    x.copy_(dropout_cpu(x, seed, p, offset, inner, std::nullopt, std::nullopt));
+    return;
+  }
   launch(x, seed, p, offset, inner, std::nullopt, std::nullopt, x);
 }
 

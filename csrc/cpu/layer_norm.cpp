@@ -209,12 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_bias, const std::optional<at::Tensor>& dh_in,
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
   const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = buffers.dw_partial.size(0);
   if (m > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      const auto a = norm_bwd_params<scalar_t>(buffers, mean, rstd, is_rms, seed, p);
+      const auto a = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         const bool convert = !std::is_same_v<scalar_t, acc_t>;
         std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "fastreg/contiguous_lists.h"
 #include "fastreg/welford.h"
 #include "vectorize.h"
 
@@ -218,7 +219,6 @@ void check_list(const char* op, const char* name, at::TensorList list, at::Tenso
     const at::Tensor& t = list[i];
     TORCH_CHECK(t.device() == params[0].device(), "fastreg::", op, ": ", name, "[", i, "] is on ", t.device(),
                 " but params[0] is on ", params[0].device(), "; all tensors of one call share a device");
-    TORCH_CHECK(t.is_contiguous(), "fastreg::", op, ": ", name, "[", i, "] must be contiguous");
     TORCH_CHECK(t.numel() == params[i].numel(), "fastreg::", op, ": ", name, "[", i, "] has ", t.numel(),
                 " elements but params[", i, "] has ", params[i].numel());
     if (dtype.has_value()) {
@@ -354,6 +354,14 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   at::TensorList masters, double lr, double momentum, double dampening, double weight_decay, double l1,
                   double max_norm, bool nesterov, bool maximize, bool first_step,
                   const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  // any strides: through contiguous copies
+  if (!all_contiguous({params, grads, momentum_buffers, masters})) {
+    ContiguousLists c({{params, true}, {grads, false}, {momentum_buffers, true}, {masters, true}});
+    sgd_step_cpu(c[0], c[1], c[2], c[3], lr, momentum, dampening, weight_decay, l1, max_norm, nesterov, maximize,
+                 first_step, grad_scale, found_inf);
+    c.write_back();
+    return;
+  }
   if (params.empty()) {
     TORCH_CHECK(grads.empty() && momentum_buffers.empty() && masters.empty(),
                 "fastreg::sgd_step_: 'params' is empty but other lists are not");
@@ -452,6 +460,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    at::TensorList max_exp_avg_sqs, at::TensorList masters, at::TensorList steps, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool decoupled, double l1, double max_norm, bool maximize,
                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  // any strides: through contiguous copies
+  if (!all_contiguous({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters})) {
+    ContiguousLists c({{params, true}, {grads, false}, {exp_avgs, true}, {exp_avg_sqs, true},
+                       {max_exp_avg_sqs, true}, {masters, true}});
+    adam_step_cpu(c[0], c[1], c[2], c[3], c[4], c[5], steps, lr, beta1, beta2, eps, weight_decay, decoupled, l1, max_norm,
+                  maximize, grad_scale, found_inf);
+    c.write_back();
+    return;
+  }
   if (params.empty()) {
     TORCH_CHECK(grads.empty() && exp_avgs.empty() && exp_avg_sqs.empty() && max_exp_avg_sqs.empty() && masters.empty() &&
                     steps.empty(),

@@ -225,12 +225,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, dh_in, seed, kMaxWeightChunks);
+  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
   const int64_t m = buffers.m, n = buffers.n, chunks = buffers.dw_partial.size(0);
   if (m > 0 && n > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
-      const auto params = norm_bwd_params<scalar_t>(buffers, mean, rstd, is_rms, seed, p);
+      const auto params = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
       norm_bwd_dx_kernel<scalar_t><<<m, threads_for(n), 0, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (weight.has_value() || has_bias) {

@@ -45,6 +45,8 @@
 #include <tuple>
 #include <vector>
 
+#include "fastreg/contiguous_lists.h"
+
 namespace fastreg {
 namespace {
 
@@ -411,7 +413,6 @@ void check_list(const char* op, const char* name, at::TensorList tensors, at::Te
                 ", params[", i, "] on ", param.device());
     TORCH_CHECK(tensor.sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", tensor.sizes(),
                 ", params[", i, "] ", param.sizes());
-    TORCH_CHECK(tensor.is_contiguous(), op, ": ", name, "[", i, "] is not contiguous");
     at::ScalarType expected = param.scalar_type();  // grads
     if (name == std::string("masters")) {
       expected = at::kFloat;
@@ -433,7 +434,6 @@ void check_args(const char* op, at::TensorList params, at::TensorList grads, con
     const auto dtype = param.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
                 ": params[", i, "] has dtype ", dtype, "; supported: Float, Double, Half, BFloat16");
-    TORCH_CHECK(param.is_contiguous(), op, ": params[", i, "] is not contiguous");
   }
   check_list(op, "masters", masters, params, masters, /*is_state=*/false, /*required=*/false);
   check_list(op, "grads", grads, params, masters, /*is_state=*/false, /*required=*/true);
@@ -722,6 +722,14 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    at::TensorList masters, double lr, double momentum, double dampening, double weight_decay,
                    double l1, double max_norm, bool nesterov, bool maximize, bool first_step,
                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  // any strides: through contiguous copies
+  if (!all_contiguous({params, grads, momentum_buffers, masters})) {
+    ContiguousLists c({{params, true}, {grads, false}, {momentum_buffers, true}, {masters, true}});
+    sgd_step_cuda(c[0], c[1], c[2], c[3], lr, momentum, dampening, weight_decay, l1, max_norm, nesterov, maximize,
+                  first_step, grad_scale, found_inf);
+    c.write_back();
+    return;
+  }
   const char* op = "fastreg::sgd_step_";
   if (params.empty()) return;
   check_args(op, params, grads, {{"momentum_buffers", momentum_buffers, momentum != 0}}, masters);
@@ -746,6 +754,15 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList steps, double lr, double beta1, double beta2, double eps, double weight_decay,
                     bool decoupled, double l1, double max_norm, bool maximize,
                     const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  // any strides: through contiguous copies
+  if (!all_contiguous({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters})) {
+    ContiguousLists c({{params, true}, {grads, false}, {exp_avgs, true}, {exp_avg_sqs, true},
+                       {max_exp_avg_sqs, true}, {masters, true}});
+    adam_step_cuda(c[0], c[1], c[2], c[3], c[4], c[5], steps, lr, beta1, beta2, eps, weight_decay, decoupled, l1, max_norm,
+                   maximize, grad_scale, found_inf);
+    c.write_back();
+    return;
+  }
   const char* op = "fastreg::adam_step_";
   if (params.empty()) return;
   check_args(op, params, grads,

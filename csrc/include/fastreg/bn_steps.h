@@ -63,12 +63,14 @@ at::Tensor bn_bwd_apply_steps(const at::Tensor& dy_in, const at::Tensor& x, cons
   const at::Tensor dy = dy_in.to(x.scalar_type());
   const at::Tensor invstd = (var.to(acc_dtype(x)) + eps).rsqrt();
   const at::Tensor scale = weight.has_value() ? invstd * weight->to(acc_dtype(x)) : invstd;
-  at::Tensor coef_x = at::zeros_like(scale), coef_one = at::zeros_like(scale);
-  if (sum_dy.has_value()) {  // batch statistics: the gradient through mean and var
-    TORCH_CHECK(count > 0, "fastreg::bn_bwd_apply: 'count' must be positive with the sums");
-    coef_x = -scale * invstd * sum_dy_xhat->to(acc_dtype(x)) / static_cast<double>(count);
-    coef_one = -scale * sum_dy->to(acc_dtype(x)) / static_cast<double>(count);
+  if (!sum_dy.has_value()) {  // fixed statistics: dx = dy * scale reads no x (a NaN in x stays out of dx)
+    const at::Tensor dy_like_x = dy.strides() == x.strides() ? dy : at::empty_like(x).copy_(dy);
+    return affine(dy_like_x, at::zeros_like(scale), scale, at::zeros_like(scale), nullptr, nullptr);
   }
+  // batch statistics: the gradient through mean and var
+  TORCH_CHECK(count > 0, "fastreg::bn_bwd_apply: 'count' must be positive with the sums");
+  const at::Tensor coef_x = -scale * invstd * sum_dy_xhat->to(acc_dtype(x)) / static_cast<double>(count);
+  const at::Tensor coef_one = -scale * sum_dy->to(acc_dtype(x)) / static_cast<double>(count);
   return affine(x, mean, coef_x, coef_one, &dy, &scale);
 }
 

@@ -86,20 +86,23 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
 }
 
 // What a norm_bwd kernel reads and writes, prepared the same way on every device: the
-// contiguous inputs (dy and dh in the dtype of the norm input: y's may differ from h's),
-// dx, the weight in the accumulate dtype, and zeroed dweight / dbias partials, one row
-// per chunk of chunk_rows rows.
+// contiguous inputs, whatever strides they came with (dy and dh in the dtype of the norm
+// input: y's may differ from h's; mean and rstd), dx, the weight in the accumulate dtype,
+// and zeroed dweight / dbias partials, one row per chunk of chunk_rows rows.
 // With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
 struct NormBwdBuffers {
-  at::Tensor x, dy, dh, w, dx, dw_partial, db_partial, dx_dropout;
+  at::Tensor x, dy, dh, w, mean, rstd, dx, dw_partial, db_partial, dx_dropout;
   int64_t m, n, chunk_rows;
 };
 
 inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& mean, const at::Tensor& rstd,
                                        const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed,
                                        int64_t max_chunks) {
   NormBwdBuffers b;
   b.x = x.contiguous();
+  b.mean = mean.contiguous();
+  b.rstd = rstd.contiguous();
   b.dy = dy.to(x.scalar_type()).contiguous();
   b.dh = dh.has_value() ? dh->to(x.scalar_type()).contiguous() : at::Tensor();
   b.w = param_as_acc(weight, b.x);
@@ -189,16 +192,15 @@ struct NormBwdParams {
 };
 
 template <typename scalar_t>
-NormBwdParams<scalar_t> norm_bwd_params(NormBwdBuffers& b, const at::Tensor& mean, const at::Tensor& rstd,
-                                        bool is_rms, const std::optional<at::Tensor>& seed, double p) {
+NormBwdParams<scalar_t> norm_bwd_params(NormBwdBuffers& b, bool is_rms, const std::optional<at::Tensor>& seed, double p) {
   using acc_t = acc_type<scalar_t>;
   NormBwdParams<scalar_t> params;
   params.dy = b.dy.const_data_ptr<scalar_t>();
   params.x = b.x.const_data_ptr<scalar_t>();
   params.dh = b.dh.defined() ? b.dh.const_data_ptr<scalar_t>() : nullptr;
   params.weight = b.w.defined() ? b.w.const_data_ptr<acc_t>() : nullptr;
-  params.mean = is_rms ? nullptr : mean.const_data_ptr<acc_t>();
-  params.rstd = rstd.const_data_ptr<acc_t>();
+  params.mean = is_rms ? nullptr : b.mean.const_data_ptr<acc_t>();
+  params.rstd = b.rstd.const_data_ptr<acc_t>();
   params.dx = b.dx.mutable_data_ptr<scalar_t>();
   params.dx_dropout = seed.has_value() ? b.dx_dropout.mutable_data_ptr<scalar_t>() : nullptr;
   params.seed = seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
