@@ -42,6 +42,7 @@ class Case:
     constexprs: dict  # constexpr argument -> value
     num_warps: int = 4
     div16: tuple = ()  # integer arguments marked divisible by 16 (every pointer is)
+    options: tuple = ()  # more compile options as (name, value) pairs, e.g. (("enable_fp_fusion", False),)
 
     def __str__(self):
         return self.id
@@ -78,7 +79,8 @@ for case in cases:
         aligned = [name for name, ty in case["signature"].items() if ty.startswith("*")] + list(case["div16"])
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget(*target), options={"num_warps": case["num_warps"]})
+        options = {"num_warps": case["num_warps"], **dict(case["options"])}
+        compiled = triton.compile(source, target=GPUTarget(*target), options=options)
         results[case["id"]] = ("ptx", compiled.asm["ptx"])
     except Exception:
         results[case["id"]] = ("error", traceback.format_exc()[-6000:])
