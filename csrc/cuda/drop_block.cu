@@ -45,7 +45,7 @@ __global__ void sliding_or_kernel(const uint8_t* __restrict__ in, uint8_t* __res
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
     const int64_t i = t % inner, a = (t / inner) % out_length, r = t / (inner * out_length);
-    const int64_t first = max<int64_t>(0, a - block + 1), last = min<int64_t>(a, in_length - 1);
+    const int64_t first = a - block + 1 > 0 ? a - block + 1 : 0, last = a < in_length - 1 ? a : in_length - 1;
     uint8_t value = 0;
     for (int64_t source = first; source <= last; ++source) value |= in[(r * in_length + source) * inner + i];
     out[t] = value;
