@@ -143,19 +143,26 @@ int64_t build_mask(const DropBlockGeometry& g, uint64_t seed, uint64_t threshold
       }
     });
   } else {
-    // channels-last: a row is a sample, element s * C + c; drop bytes gathered in that order
+    // channels-last: a row is a sample, element s * C + c; drop bytes gathered in that order,
+    // kChannelBlock planes at a time (each position's bytes of a block written together)
+    constexpr int64_t kChannelBlock = 16;
     at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
       PlaneMasker plane_drop(g, seed, threshold);
-      std::vector<uint8_t> sample_drop(L);
+      std::vector<uint8_t> sample_drop(L), block_drop(kChannelBlock * S);
       for (int64_t n = begin; n < end; ++n) {
         if (g.shared) {
           const uint8_t* drop = plane_drop(n);
           for (int64_t s = 0; s < S; ++s) std::memset(sample_drop.data() + s * g.C, drop[s], static_cast<size_t>(g.C));
         } else {
-          for (int64_t c = 0; c < g.C; ++c) {
-            const uint8_t* drop = plane_drop(n * g.C + c);
-            uint8_t* column = sample_drop.data() + c;
-            for (int64_t s = 0; s < S; ++s) column[s * g.C] = drop[s];
+          for (int64_t c0 = 0; c0 < g.C; c0 += kChannelBlock) {
+            const int64_t channels = std::min(kChannelBlock, g.C - c0);
+            for (int64_t j = 0; j < channels; ++j) {
+              std::memcpy(block_drop.data() + j * S, plane_drop(n * g.C + c0 + j), static_cast<size_t>(S));
+            }
+            for (int64_t s = 0; s < S; ++s) {
+              uint8_t* position = sample_drop.data() + s * g.C + c0;
+              for (int64_t j = 0; j < channels; ++j) position[j] = block_drop[j * S + s];
+            }
           }
         }
         kept[n] = pack_keep_bits(sample_drop.data(), L, mask + n * row_bytes);
