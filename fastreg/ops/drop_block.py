@@ -7,6 +7,8 @@ bit-packed mask (1 bit per element) and the float64 scale; backward is drop_bloc
 the gradient, laid out as forward's x.
 """
 
+import math
+
 import torch
 
 from fastreg import _reference
@@ -16,7 +18,7 @@ from fastreg.ops._table import HAVE_TRITON, op_table, register_fake, register_tr
 def _drop_block_fake(x, seed, gamma, block_size, eps, shared_mask=False):
     channels_last = _reference.drop_block_channels_last(x)
     n, c = x.shape[:2]
-    spatial = x[0, 0].numel()
+    spatial = math.prod(x.shape[2:])
     rows, row_length = (n, c * spatial) if channels_last else (n * c, spatial)
     layout = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
     y = torch.empty_like(x, memory_format=layout)
