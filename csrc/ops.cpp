@@ -45,6 +45,43 @@ TORCH_LIBRARY(fastreg, m) {
   // In-place form of the above without bias and residual.
   def("dropout_", "(Tensor(a!) x, Tensor seed, float p, int offset=0, int inner=1) -> ()");
 
+  // Gaussian noise over the contiguous x: n is the standard normal of element i, drawn by
+  // stream position offset + i (Box-Muller on the Philox words; see
+  // csrc/include/fastreg/normal.h). multiplicative: out = x * (1 + std * n) (Gaussian
+  // dropout); else out = x + std * n. Backward: this op on the gradient (multiplicative),
+  // or the gradient itself.
+  def("gaussian_noise", "(Tensor x, Tensor seed, float std, bool multiplicative, int offset=0) -> Tensor");
+  // out = x * (keep ? scale : 0) + (keep ? keep_shift : drop_shift) over the contiguous x,
+  // keep drawn as in `dropout` (one draw per `inner` consecutive elements): torch's alpha
+  // dropout with the host's a, b constants. Backward: this op on the gradient with the
+  // shifts 0.
+  def(
+      "alpha_dropout", "(Tensor x, Tensor seed, float p, float scale, float keep_shift, float drop_shift, "
+      "int offset=0, int inner=1) -> Tensor");
+  def(
+      "alpha_dropout_", "(Tensor(a!) x, Tensor seed, float p, float scale, float keep_shift, float drop_shift, "
+      "int offset=0, int inner=1) -> ()");
+
+  // DropBlock over x of shape (N, C, *spatial), 2 or 3 spatial dims, contiguous or channels-last
+  // (other layouts are copied to contiguous). Seeds: one Bernoulli(gamma) draw (word below
+  // round(gamma * 2^32)) per position of the grid (planes, spatial - block_size + 1), a plane
+  // being (n, c), or n when shared_mask; grid position g draws stream position g. A seed at
+  // grid point s drops the block [s, s + block_size) of its plane. Returns (y, mask, scale):
+  // y = x * keep * scale in x's layout, scale = numel / (eps + number kept) as a float64
+  // scalar tensor, and mask the keep bits in x's memory order, bit-packed per row (LSB
+  // first), a row being a plane (contiguous) or a sample (channels-last): uint8 of shape
+  // (rows, ceil(row length / 8)).
+  def(
+      "drop_block", "(Tensor x, Tensor seed, float gamma, int block_size, float eps, bool shared_mask=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  // In-place form: x must be contiguous or channels-last.
+  def(
+      "drop_block_", "(Tensor(a!) x, Tensor seed, float gamma, int block_size, float eps, "
+      "bool shared_mask=False) -> ()");
+  // x * keep * scale for the mask and scale drop_block returned (the backward): x must have
+  // the memory layout of that call's x (its rows: mask.size(0)).
+  def("drop_block_apply", "(Tensor x, Tensor mask, Tensor scale) -> Tensor");
+
   // LayerNorm (is_rms=false) or RMSNorm of the rows of a 2-D x, optionally
   // of h = residual + dropout(x) (when residual or seed is given; dropout on the same
   // stream as `dropout`, element (i, j) at position i * N + j). Returns (y, h, mean, rstd):

@@ -23,6 +23,8 @@ _DROP_INS = {
     torch.nn.Dropout1d: "Dropout1d",
     torch.nn.Dropout2d: "Dropout2d",
     torch.nn.Dropout3d: "Dropout3d",
+    torch.nn.AlphaDropout: "AlphaDropout",
+    torch.nn.FeatureAlphaDropout: "FeatureAlphaDropout",
     torch.nn.BatchNorm1d: "BatchNorm1d",
     torch.nn.BatchNorm2d: "BatchNorm2d",
     torch.nn.BatchNorm3d: "BatchNorm3d",
@@ -65,8 +67,9 @@ def _matches(selector: Selector, name: str, module: torch.nn.Module) -> bool:
 
 def convert(model: torch.nn.Module, include: Selector = None, exclude: Selector = None,
             verbose: bool = True) -> torch.nn.Module:
-    """Replace, in place, every torch.nn Dropout*, BatchNorm*, SyncBatchNorm, LayerNorm,
-    RMSNorm, GroupNorm and InstanceNorm* module of `model` (exact types) with fastreg's.
+    """Replace, in place, every torch.nn Dropout*, AlphaDropout, FeatureAlphaDropout, BatchNorm*,
+    SyncBatchNorm, LayerNorm, RMSNorm, GroupNorm and InstanceNorm* module of `model` (exact
+    types) with fastreg's.
 
     include / exclude: module names as in `model.named_modules()` (a name also selects
     the modules under it), class names ("Dropout"), classes, or a predicate

@@ -310,3 +310,169 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu):
     dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
     dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return torch.empty_like(x).copy_(dx).view(shape), dweight, dbias
+
+
+# ---------------------------------------------------------------- gaussian noise, alpha dropout
+# The normals of csrc/include/fastreg/normal.h, operation for operation in float32 tensors
+# (each torch op rounds once, none is fused), so they equal the kernels' bit for bit.
+
+_LN2, _SQRT2 = 0.6931471824645996, 1.4142135381698608
+_LOG_SERIES = (0.2222222238779068, 0.2857142984867096, 0.4000000059604645, 0.6666666865348816, 2.0)
+_SIN_SERIES = (0.00016044118092395365, -0.004681753925979137, 0.07969262450933456, -0.6459640860557556,
+               1.5707963705062866)
+_COS_SERIES = (-2.520204179745633e-05, 0.0009192602592520416, -0.020863480865955353, 0.25366950035095215,
+               -1.2337005138397217, 1.0)
+_TWO_POW_MINUS_24 = 2.0**-24
+
+
+def _horner(coefficients, z):
+    """c0 z^n + ... + cn, evaluated innermost first as the kernels do (mul, then add)."""
+    value = coefficients[1] + z * coefficients[0]
+    for c in coefficients[2:]:
+        value = c + z * value
+    return value
+
+
+def normal_pair(radius_word: torch.Tensor, angle_word: torch.Tensor):
+    """(r cos t, r sin t) of the Box-Muller transform of two 32-bit words (int64 tensors)."""
+    u = ((radius_word >> 9) * 2 + 1).to(torch.float32) * _TWO_POW_MINUS_24
+    bits = u.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)
+    halve = m > _SQRT2
+    m = torch.where(halve, m * 0.5, m)
+    exponent = exponent + halve.to(torch.int32)
+    s = (m - 1.0) / (m + 1.0)
+    log_u = exponent.to(torch.float32) * _LN2 + s * _horner(_LOG_SERIES, s * s)
+    # torch.sqrt of float32 is not always correctly rounded on CPU (SLEEF, 0.5001 ulp); the
+    # float64 square root rounded to float32 is (53 >= 2 * 24 + 2 bits)
+    r = torch.sqrt((log_u * -2.0).double()).to(torch.float32)
+
+    quadrant = angle_word >> 30
+    t = ((((angle_word >> 7) & 0x7FFFFF) * 2 + 1) - 8388608).to(torch.float32) * _TWO_POW_MINUS_24
+    t2 = t * t
+    sin_t = t * _horner(_SIN_SERIES, t2)
+    cos_t = 1.0 + t2 * _horner(_COS_SERIES[:-1], t2)
+    swap = (quadrant & 1) == 1
+    c, sn = torch.where(swap, sin_t, cos_t), torch.where(swap, cos_t, sin_t)
+    cos_angle = torch.where((quadrant == 1) | (quadrant == 2), -c, c)
+    sin_angle = torch.where(quadrant >= 2, -sn, sn)
+    return r * cos_angle, r * sin_angle
+
+
+def normal_noise(numel: int, seed: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The float32 standard normal drawn by each of `numel` row-major elements."""
+    position = offset + torch.arange(numel, device=seed.device, dtype=torch.int64)
+    w0, w1, w2, w3 = philox4x32_10(position >> 2, seed.reshape(()))
+    second_pair = (position & 2) != 0
+    cosine, sine = normal_pair(torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1))
+    return torch.where((position & 1) != 0, sine, cosine)
+
+
+def gaussian_noise(x, seed, std, multiplicative, offset=0):
+    """x * (1 + std * n) (multiplicative) or x + std * n, with the kernels' normals and order."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    noise = std * normal_noise(x.numel(), seed, offset).reshape(x.shape).to(acc)
+    v = x.to(acc)
+    return (v * (1.0 + noise) if multiplicative else v + noise).to(x.dtype)
+
+
+def alpha_dropout(x, seed, p, scale, keep_shift, drop_shift, offset=0, inner=1):
+    """x * (keep ? scale : 0) + (keep ? keep_shift : drop_shift), the kernels' mask and order."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    keep = keep_mask(x.shape, seed, p, offset, inner)
+    v = x.to(acc) * (keep.to(acc) * scale)
+    shift = torch.where(keep, torch.tensor(keep_shift, dtype=acc, device=x.device),
+                        torch.tensor(drop_shift, dtype=acc, device=x.device))
+    return (v + shift).to(x.dtype)
+
+
+# ---------------------------------------------------------------- drop_block
+# Geometry, stream and mask layout: csrc/include/fastreg/drop_block.h.
+
+
+def drop_block_channels_last(x) -> bool:
+    """Whether the kernels treat x as channels-last: dense in that order and not contiguous."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def drop_block_keep(shape, seed, gamma, block_size, shared_mask=False) -> torch.Tensor:
+    """Boolean keep mask (N, C, *spatial) of the kernels: seeds of the Philox stream on the
+    grid (planes, spatial - block + 1), each widened into its block by a max-pool."""
+    n, c, *spatial = shape
+    blocks = [block_size] * len(spatial)
+    grid = [size - block + 1 for size, block in zip(spatial, blocks)]
+    planes = n if shared_mask else n * c
+    points = planes
+    for size in grid:
+        points *= size
+    seeds = (philox_words(points, seed) < drop_threshold(gamma)).reshape(planes, 1, *grid).to(torch.float32)
+    # drop[a] = max of seeds[a - k], k < block: pad block - 1 zeros on both sides, pool with stride 1
+    padding = []
+    for block in reversed(blocks):
+        padding += [block - 1, block - 1]
+    padded = torch.nn.functional.pad(seeds, padding)
+    pool = torch.nn.functional.max_pool3d if len(spatial) == 3 else torch.nn.functional.max_pool2d
+    drop = pool(padded, kernel_size=blocks, stride=1)
+    keep = (drop == 0).reshape(n, 1 if shared_mask else c, *spatial)
+    return keep.expand(n, c, *spatial)
+
+
+def _memory_order(x):
+    """The permutation of x's dims from the largest stride to the smallest (x dense)."""
+    return sorted(range(x.dim()), key=lambda d: -x.stride(d))
+
+
+def pack_keep_bits(keep: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The kernels' mask: keep in memory order, one row per plane (or per sample when
+    channels-last), each row padded to bytes, bit j of byte k = element 8k + j."""
+    n, c = keep.shape[:2]
+    rows = keep.movedim(1, -1).reshape(n, -1) if channels_last else keep.reshape(n * c, -1)
+    length = rows.shape[1]
+    padded = torch.nn.functional.pad(rows.to(torch.uint8), (0, (-length) % 8))
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=keep.device)
+    return (padded.reshape(rows.shape[0], -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_keep_bits(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Boolean keep of `like`'s shape from a mask in `like`'s memory order."""
+    rows = mask.shape[0]
+    length = like.numel() // rows if rows > 0 else 0
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    flat = ((mask.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, :length].bool()
+    order = _memory_order(like)
+    in_memory_order = flat.reshape([like.shape[d] for d in order])
+    return in_memory_order.permute([order.index(d) for d in range(like.dim())])
+
+
+def _drop_block_scale(numel, kept, eps):
+    # numel / (eps + kept) in float64 with the kernels' two roundings (not a reciprocal)
+    return torch.full((), float(numel), dtype=torch.float64, device=kept.device) / (eps + kept.to(torch.float64))
+
+
+def _times_keep_scale(x, keep, scale):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(acc) * (keep.to(acc) * scale.to(acc))).to(x.dtype)
+
+
+def drop_block(x, seed, gamma, block_size, eps, shared_mask=False):
+    """(y, mask, scale) of the kernels: y = x * keep * scale in x's layout (channels-last kept,
+    other layouts made contiguous), scale = numel / (eps + kept) as a float64 scalar tensor."""
+    channels_last = drop_block_channels_last(x)
+    keep = drop_block_keep(x.shape, seed, gamma, block_size, shared_mask)
+    scale = _drop_block_scale(x.numel(), keep.sum(), eps)
+    y = _times_keep_scale(x, keep, scale)
+    layout = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+    return y.contiguous(memory_format=layout), pack_keep_bits(keep, channels_last), scale
+
+
+def drop_block_apply(x, mask, scale):
+    """x * keep * scale for a mask in x's memory order; y has x's strides."""
+    y = _times_keep_scale(x, unpack_keep_bits(mask, x), scale)
+    return torch.empty_like(x).copy_(y)  # x is dense: its strides

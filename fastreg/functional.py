@@ -10,6 +10,7 @@ version (or returns torch's result, where torch takes them).
 
 import math
 import operator
+import struct
 import warnings
 
 import torch
@@ -17,14 +18,17 @@ import torch.nn.functional as torch_F
 
 from fastreg import _batch_norm, _reference, _rng
 from fastreg._backend import choose_backend
+from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_
 from fastreg.ops.dropout import DROPOUT, DROPOUT_
 from fastreg.ops.group_norm import GN_FWD
+from fastreg.ops.noise import ALPHA_DROPOUT, ALPHA_DROPOUT_, GAUSSIAN_NOISE
 from fastreg.ops.norm import NORM_FWD
 
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
     "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm", "batch_norm",
     "group_norm", "instance_norm",
+    "gaussian_dropout", "gaussian_noise", "alpha_dropout", "feature_alpha_dropout", "drop_block2d", "drop_block3d",
 ]
 
 
@@ -374,3 +378,169 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                 unbiased = (biased * (count / max(count - 1, 1))).mean(0)
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype) * momentum)
     return y
+
+
+# ------------------------------------------------------------------ Gaussian noise, alpha dropout
+
+
+def gaussian_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    """Multiplicative Gaussian noise of mean 1 and variance p / (1 - p) (Srivastava et al.'s
+    Gaussian dropout): input * (1 + sqrt(p / (1 - p)) * n), n ~ N(0, 1) per element.
+
+    Mask-free: backward regenerates n from a seed drawn from torch's RNG. The identity in
+    eval mode and for p = 0; p = 1 (infinite variance) raises ValueError.
+    """
+    _check_probability(p)
+    if p == 1.0:
+        raise ValueError("gaussian_dropout: p = 1 gives noise of infinite variance; p must be in [0, 1)")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    _check_floating("input", input, "gaussian_dropout")
+    backend = choose_backend(input.device.type)
+    return GAUSSIAN_NOISE[backend](input, _rng.new_seed(input.device), math.sqrt(p / (1.0 - p)), True, 0)
+
+
+def gaussian_noise(input: torch.Tensor, std: float, training: bool = True) -> torch.Tensor:
+    """Additive Gaussian noise: input + std * n, n ~ N(0, 1) per element, in training; the
+    identity in eval mode and for std = 0. Backward passes the gradient through unchanged."""
+    if std < 0.0:
+        raise ValueError(f"gaussian_noise: std must be non-negative, but got {std}")
+    if not training or std == 0.0 or input.numel() == 0:
+        return input
+    _check_floating("input", input, "gaussian_noise")
+    backend = choose_backend(input.device.type)
+    return GAUSSIAN_NOISE[backend](input, _rng.new_seed(input.device), float(std), False, 0)
+
+
+_SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's scale * alpha: the value a dropped unit takes
+
+
+def _round_to(value: float, dtype: torch.dtype) -> float:
+    """value rounded to nearest (ties to even) in float32, float16 or bfloat16, with plain
+    Python (no tensor: torch.compile traces it as constants)."""
+    as_float32 = struct.unpack("<f", struct.pack("<f", value))[0]  # torch converts through float32 too
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", as_float32))[0]
+    if dtype != torch.bfloat16:
+        return as_float32
+    bits = struct.unpack("<I", struct.pack("<f", as_float32))[0]  # float32 -> bfloat16: the top 16 bits, rounded
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _alpha_dropout_constants(p: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(scale, keep_shift, drop_shift) of torch's alpha dropout, as torch forms them in the
+    input's dtype: noise = keep * a and b = (keep - 1) * alpha * a + alpha * a * p, each
+    step computed in float32 (float64 for float64) and rounded to the dtype."""
+    if p == 1.0:  # torch returns input * 0
+        return 0.0, 0.0, 0.0
+    alpha = _SELU_ALPHA_SCALE
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
+    alpha_a, alpha_a_p = alpha * a, alpha * a * p
+    if dtype == torch.float64:
+        return a, alpha_a_p, -alpha_a + alpha_a_p
+
+    def to_float(v):
+        return _round_to(v, torch.float32)
+
+    def to_dtype(v):
+        return _round_to(to_float(v), dtype)
+
+    # (keep - 1) * alpha_a rounds to the dtype before + alpha_a_p (torch's two in-place ops)
+    drop_shift = to_dtype(to_dtype(-to_float(alpha_a)) + to_float(alpha_a_p))
+    return to_dtype(a), to_dtype(alpha_a_p), drop_shift
+
+
+def _alpha_dropout(x: torch.Tensor, p: float, training: bool, inplace: bool, feature: bool, op: str):
+    _check_probability(p)
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    if feature and x.dim() < 2 and p < 1.0:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    _check_floating("input", x, op)
+    inner = x[0, 0].numel() if feature and p < 1.0 else 1  # one draw per (sample, channel)
+    scale, keep_shift, drop_shift = _alpha_dropout_constants(p, x.dtype)
+    backend = choose_backend(x.device.type)
+    seed = _rng.new_seed(x.device)
+    args = (seed, p, scale, keep_shift, drop_shift, 0, inner)
+    if not inplace:
+        return ALPHA_DROPOUT[backend](x, *args)
+    if backend != "torch" and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
+        ALPHA_DROPOUT_[backend](x, *args)
+        return x
+    return x.copy_(ALPHA_DROPOUT[backend](x, *args))  # autograd records the in-place copy
+
+
+def alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.alpha_dropout (for SELU networks), mask-free: dropped elements take
+    SELU's negative saturation value, then the affine map a * x + b of torch's keeps mean
+    and variance."""
+    return _alpha_dropout(input, p, training, inplace, feature=False, op="alpha_dropout")
+
+
+def feature_alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False,
+                          inplace: bool = False) -> torch.Tensor:
+    """torch.nn.functional.feature_alpha_dropout: alpha dropout of whole channels of
+    (N, C, *) inputs, mask-free."""
+    return _alpha_dropout(input, p, training, inplace, feature=True, op="feature_alpha_dropout")
+
+
+# ------------------------------------------------------------------------------ DropBlock
+
+
+def _drop_block(x: torch.Tensor, p: float, block_size: int, inplace: bool, eps: float, training: bool,
+                shared_mask: bool, dims: int) -> torch.Tensor:
+    """torchvision's drop_block2d / drop_block3d: its checks, messages, gamma and placement."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}.")
+    if x.ndim != dims + 2:
+        raise ValueError(f"input should be {dims + 2} dimensional. Got {x.ndim} dimensions.")
+    if not training or p == 0.0:
+        return x
+    spatial = x.shape[2:]
+    block_size = min(block_size, *spatial)
+    if block_size % 2 == 0:
+        raise ValueError(f"block size should be odd. Got {block_size} which is even.")
+    if block_size < 0:  # where torchvision's F.pad stops
+        raise RuntimeError(f"pad must be non-negative, but got pad: {block_size // 2}")
+    # torchvision's gamma, the same float operations in the same order
+    if dims == 2:
+        H, W = spatial
+        gamma = (p * H * W) / ((block_size**2) * ((H - block_size + 1) * (W - block_size + 1)))
+    else:
+        D, H, W = spatial
+        gamma = (p * D * H * W) / ((block_size**3) * ((D - block_size + 1) * (H - block_size + 1) * (W - block_size + 1)))
+    if gamma > 1.0:
+        raise RuntimeError(f"bernoulli_ expects p to be in [0, 1], but got p={gamma:g}")
+    if x.numel() == 0:
+        return x if inplace else x.clone()
+    _check_floating("input", x, f"drop_block{dims}d")
+    backend = choose_backend(x.device.type)
+    args = (_rng.new_seed(x.device), gamma, block_size, eps, shared_mask)
+    if not inplace:
+        return DROP_BLOCK[backend](x, *args)[0]
+    dense = x.is_contiguous() or _reference.drop_block_channels_last(x)
+    if backend != "torch" and dense and not (torch.is_grad_enabled() and x.requires_grad):
+        DROP_BLOCK_[backend](x, *args)
+        return x
+    return x.copy_(DROP_BLOCK[backend](x, *args)[0])  # autograd records the in-place copy
+
+
+def drop_block2d(input: torch.Tensor, p: float, block_size: int, inplace: bool = False, eps: float = 1e-06,
+                 training: bool = True, *, shared_mask: bool = False) -> torch.Tensor:
+    """torchvision.ops.drop_block2d (DropBlock, Ghiasi et al. 2018) on (N, C, H, W) inputs.
+
+    Seeds of probability gamma = p H W / (block_size^2 (H - block_size + 1)(W - block_size + 1))
+    each zero a block_size x block_size block inside the plane, a mask per (sample, channel);
+    the output is scaled by numel / (eps + number kept) over the whole tensor. Channels-last
+    inputs stay channels-last. shared_mask=True: one mask per sample for all its channels
+    (timm's couple_channels). Backward multiplies by the stored bit-packed mask (1 bit per
+    element).
+    """
+    return _drop_block(input, p, block_size, inplace, eps, training, shared_mask, dims=2)
+
+
+def drop_block3d(input: torch.Tensor, p: float, block_size: int, inplace: bool = False, eps: float = 1e-06,
+                 training: bool = True, *, shared_mask: bool = False) -> torch.Tensor:
+    """torchvision.ops.drop_block3d on (N, C, D, H, W) inputs: drop_block2d with cubes."""
+    return _drop_block(input, p, block_size, inplace, eps, training, shared_mask, dims=3)

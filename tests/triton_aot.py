@@ -52,6 +52,7 @@ class Case:
     num_warps: int = 4
     div16: tuple = ()  # integer arguments marked divisible by 16 (every pointer is)
     grid: tuple = ()  # the launch's grid, where recorded
+    options: tuple = ()  # more compile options as (name, value) pairs, e.g. (("enable_fp_fusion", False),)
 
     def __str__(self):
         return self.id
@@ -287,6 +288,9 @@ for case in cases:
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget(*target), options={"num_warps": case["num_warps"]})
         results[case["id"]] = ("ptx", compiled.asm["ptx"], resource_usage(compiled.asm["cubin"]))
+        options = {"num_warps": case["num_warps"], **dict(case["options"])}
+        compiled = triton.compile(source, target=GPUTarget(*target), options=options)
+        results[case["id"]] = ("ptx", compiled.asm["ptx"])
     except Exception:
         results[case["id"]] = ("error", traceback.format_exc()[-6000:], None)
 with open(results_path, "wb") as f:

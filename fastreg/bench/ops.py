@@ -9,6 +9,7 @@ Layer ops run the modes fwd, bwd and fwd+bwd. Optimizer ops run one mode, `step`
 functions build an optimizer over it (see `make_callable`).
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -206,6 +207,61 @@ def _dropout_add_layer_norm_eager(x, residual, weight, bias):
     return torch_F.layer_norm(torch_F.dropout(x, FUSED_P) + residual, x.shape[-1:], weight, bias, EPS)
 
 
+GAUSSIAN_P = 0.5
+GAUSSIAN_STD = math.sqrt(GAUSSIAN_P / (1 - GAUSSIAN_P))
+NOISE_STD = 0.1
+ALPHA_P = 0.1
+NOISE_SHAPES = {"cuda": ([(2**24,), (2**26,)], [(2**24,)]), "cpu": ([(2**22,)], [(2**20,)])}
+# the noise is regenerated, never stored: read x, write y; read dy, write dx
+NOISE_BYTES = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}
+
+# DropBlock as ResNets use it (block 7, drop probability 0.1) on a stage's activations
+DROP_BLOCK_P, DROP_BLOCK_SIZE = 0.1, 7
+DROP_BLOCK_SHAPES = {"cuda": ([(64, 256, 56, 56)], [(32, 256, 28, 28)]),
+                     "cpu": ([(16, 64, 56, 56)], [(4, 64, 56, 56)])}
+# read x, write y; read dy, write dx. Not counted: the stored keep bits, 1 bit per element
+# written once and read by the forward's multiply and by backward
+DROP_BLOCK_BYTES = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}
+
+
+def _drop_block2d_torch(x):
+    """torchvision.ops.drop_block2d's expression in torch ops (torchvision is optional)."""
+    n, c, h, w = x.shape
+    block = min(DROP_BLOCK_SIZE, w, h)
+    gamma = (DROP_BLOCK_P * h * w) / ((block**2) * ((h - block + 1) * (w - block + 1)))
+    noise = torch.empty((n, c, h - block + 1, w - block + 1), dtype=x.dtype, device=x.device).bernoulli_(gamma)
+    noise = torch_F.pad(noise, [block // 2] * 4, value=0)
+    noise = torch_F.max_pool2d(noise, stride=(1, 1), kernel_size=(block, block), padding=block // 2)
+    noise = 1 - noise
+    return x * noise * (noise.numel() / (1e-6 + noise.sum()))
+
+
+def _torchvision_variants():
+    try:
+        import torchvision.ops
+    except Exception:  # not installed, or built against another torch
+        return {}
+    return {"torchvision": lambda x: torchvision.ops.drop_block2d(x, DROP_BLOCK_P, DROP_BLOCK_SIZE)}
+
+
+def _drop_block_ops():
+    ops = []
+    for suffix, memory_format in (("", torch.contiguous_format), ("_channels_last", torch.channels_last)):
+        def make_inputs(shape, dtype, device, memory_format=memory_format):
+            return (torch.randn(shape, device=device).to(dtype).contiguous(memory_format=memory_format),)
+
+        ops.append(BenchOp(
+            name="drop_block2d" + suffix,
+            bytes_per_element=DROP_BLOCK_BYTES,
+            shapes=DROP_BLOCK_SHAPES,
+            make_inputs=make_inputs,
+            fastreg_fn=lambda x: fastreg.functional.drop_block2d(x, DROP_BLOCK_P, DROP_BLOCK_SIZE),
+            torch_fn=_drop_block2d_torch,
+            torch_variants=_torchvision_variants(),
+        ))
+    return ops
+
+
 OPS = {
     op.name: op
     for op in [
@@ -297,7 +353,32 @@ OPS = {
             torch_variants=_step_variants(torch.optim.SGD, lr=LR, momentum=MOMENTUM),
         ),
         *_group_norm_ops(),
+        BenchOp(
+            name="gaussian_dropout",
+            bytes_per_element=NOISE_BYTES,
+            shapes=NOISE_SHAPES,
+            fastreg_fn=lambda x: fastreg.functional.gaussian_dropout(x, GAUSSIAN_P),
+            torch_fn=lambda x: x * (1 + GAUSSIAN_STD * torch.randn_like(x)),
+        ),
+        BenchOp(
+            name="gaussian_noise",
+            # backward passes the gradient through (no kernel, for torch too)
+            bytes_per_element={"fwd": 2, "bwd": 0, "fwd+bwd": 2},
+            shapes=NOISE_SHAPES,
+            fastreg_fn=lambda x: fastreg.functional.gaussian_noise(x, NOISE_STD),
+            torch_fn=lambda x: x + NOISE_STD * torch.randn_like(x),
+        ),
+        BenchOp(
+            name="alpha_dropout",
+            bytes_per_element=NOISE_BYTES,
+            shapes=NOISE_SHAPES,
+            fastreg_fn=lambda x: fastreg.functional.alpha_dropout(x, ALPHA_P, training=True),
+            torch_fn=lambda x: torch_F.alpha_dropout(x, ALPHA_P, training=True),
+        ),
+        *_drop_block_ops(),
     ]
 }
 # `python -m fastreg.bench optim`: the optimizer steps
 OP_GROUPS = {"optim": ["adamw", "sgd_momentum"]}
+# `python -m fastreg.bench noise`: the noise ops and DropBlock
+OP_GROUPS["noise"] = ["gaussian_dropout", "gaussian_noise", "alpha_dropout", "drop_block2d", "drop_block2d_channels_last"]
