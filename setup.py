@@ -33,7 +33,7 @@ def _build_cuda() -> bool:
 
 
 def _extension():
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/autograd/*.cpp") + _sources("csrc/cpu/*.cpp")
     # the C++ standard is the one torch asks for; -Wno-psabi: csrc/cpu/vectorize.h passes
     # 32-byte vectors between inlined functions, which GCC warns about for the SSE build;
     # -fno-math-errno: sqrt becomes one (vectorizable) instruction instead of a call that
