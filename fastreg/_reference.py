@@ -296,23 +296,26 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_lo
     gradient comes from autograd here, and z_term is detached (the kernels' is not
     differentiable). The out-of-range check and its IndexError are nll_loss's."""
     acc = torch.promote_types(input.dtype, torch.float32)
-    x = input.to(acc)
+    # rows (N * S, C): torch's last-dim softmax kernels (its dim-1 kernels of (N, C, S) take
+    # a coarser exp in their backward)
+    x = input.to(acc).movedim(1, 2).reshape(-1, input.shape[1])
+    rows = target.reshape(-1)
     w = weight.to(acc) if weight is not None else None
     log_p = torch.log_softmax(x, dim=1)
-    counted = target != ignore_index
+    counted = rows != ignore_index
     # (1 - eps) * w_t * -log p_t, 0 where ignored; nll_loss checks the targets' range
     ce = (1 - label_smoothing) * torch.nn.functional.nll_loss(
-        log_p, target, weight=w, ignore_index=ignore_index, reduction="none")
+        log_p, rows, weight=w, ignore_index=ignore_index, reduction="none")
     if label_smoothing > 0:  # eps / C * sum_c w_c * -log p_c, torch's smoothing term
-        weighted = log_p * w.view(1, -1, 1) if w is not None else log_p
+        weighted = log_p * w if w is not None else log_p
         ce = ce + label_smoothing / x.shape[1] * torch.where(counted, -weighted.sum(1), 0)
     z = torch.where(counted, z_loss * torch.logsumexp(x, dim=1).square(), 0)
     if reduction == 0:
-        loss, z_term = ce + z, z
+        loss, z_term = (ce + z).view(target.shape), z.view(target.shape)
     else:
         loss, z_term = ce.sum(), z.sum()
         if reduction == 1:  # ce over the counted targets' total weight, z over their count
-            safe_target = torch.where(counted, target, 0)
+            safe_target = torch.where(counted, rows, 0)
             target_weight = w[safe_target] if w is not None else torch.ones_like(ce)
             count = counted.sum().to(acc)
             z_term = z_term / count

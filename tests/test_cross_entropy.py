@@ -335,7 +335,7 @@ def test_no_gradient_without_requires_grad(kernel_backend):
         F.cross_entropy(x, target, label_smoothing=0.1).backward()
     ops = [call[0] for call in record.calls]
     assert ops[0].startswith("cross_entropy_fwd") and ops[1].startswith("cross_entropy_bwd")
-    assert record.calls[0][2][2].shape == x.shape  # the gradient, made in forward
+    assert record.calls[0][2][2].shape == (*x.shape, 1)  # the gradient, made in forward
 
 
 def test_saved_is_the_gradient_not_the_logits(kernel_backend):
@@ -350,22 +350,28 @@ def test_saved_is_the_gradient_not_the_logits(kernel_backend):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(x * 1.0, _targets((8,), 100, device), label_smoothing=0.1)
-    logits_sized = [t for t in saved if t.numel() == x.numel()]
-    assert len(logits_sized) == 1  # mul's saved scalar aside: the gradient only
+        loss = F.cross_entropy(x, _targets((8,), 100, device), label_smoothing=0.1)
+    assert [t.shape for t in saved] == [(8, 100, 1)]  # the gradient, of the (N, C, S) view of x
     loss.backward()
-    assert x.grad.data_ptr() == logits_sized[0].data_ptr()
+    assert x.grad.data_ptr() == saved[0].data_ptr()
 
 
-def test_second_backward_raises_and_incoming_gradients_scale(kernel_backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_graph_and_incoming_gradients(kernel_backend, reduction):
+    """Backward scales the saved gradient in place, except when the graph is retained: then
+    into a new tensor, and the next backward finds the saved gradient intact."""
     name, device = kernel_backend
     x = torch.randn(4, 10, device=device, requires_grad=True)
     target = _targets((4,), 10, device)
-    loss = F.cross_entropy(x, target)
-    (grad,) = torch.autograd.grad(loss * 3.0, x, retain_graph=True)
-    torch.testing.assert_close(grad, 3.0 * torch.autograd.grad(torch_F.cross_entropy(x, target), x)[0])
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(loss, x)
+    target[0] = 3
+    loss = F.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+    expected = torch_F.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+    grad_loss = torch.rand_like(loss) + 0.5
+    for scale in (3.0, 1.0, 2.0):
+        (grad,) = torch.autograd.grad(loss, x, grad_loss * scale, retain_graph=scale != 2.0)
+        torch.testing.assert_close(grad, torch.autograd.grad(expected, x, grad_loss * scale, retain_graph=True)[0])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, x, grad_loss)
 
 
 # --------------------------------------------------- opcheck, gradcheck, torch.compile
@@ -386,7 +392,7 @@ def test_opcheck(kernel_backend):
     weight = torch.rand(7, device=device)
     rows = torch.randn(6, 7, device=device, requires_grad=True).unsqueeze(2)
     for args in ((x, target, None, -100, 0.0, 0.0, 1, True), (x, target, weight, -100, 0.1, 1e-3, 0, True),
-                 (x.transpose(1, 2).contiguous().transpose(1, 2), target, weight, 2, 0.2, 0.0, 2, False),
+                 (x.transpose(1, 2).contiguous().transpose(1, 2), target.clamp(min=0), weight, 2, 0.2, 0.0, 2, False),
                  (rows, _targets((6, 1), 7, device), None, -100, 0.1, 0.0, 1, True)):
         torch.torch.library.opcheck(fwd, args, test_utils=utils)
     grad = torch.randn(5, 7, 3, device=device)
@@ -670,7 +676,7 @@ def _recorded_launches():
                 kernels.cross_entropy_bwd_(grad, torch.tensor(2.0, dtype=dtype))
                 cases += [(f"bwd-{label}-{dtype}", *launches[before + 1])]
         before = len(launches)
-        kernels.linear_cross_entropy_fwd(torch.zeros(8, 64), torch.zeros(1000, 64), None, torch.zeros(8, dtype=torch.long),
+        kernels.linear_cross_entropy_fwd(torch.zeros(8, 64), torch.zeros(1024, 64), None, torch.zeros(8, dtype=torch.long),
                                          None, -100, 0.0, 0.0, 1, None, True, True, False)
         cases += [("linear-fp32", *launches[before])]
     finally:

@@ -86,16 +86,20 @@ def _cross_entropy_kernel(
                 w = tl.where(c_mask, 1.0, 0.0).to(ACC)
             smooth_sum += tl.sum(tl.where(mask, w[:, None] * (v - shift[None, :]), 0.0), axis=0)
             weight_sum += w
-    lse = running_max + tl.log(running_sum)
+    # lse = running_max + log_sum; differences with a logit are taken from the max first, so a
+    # large common offset of the logits costs no precision
+    running_max = tl.where(active, running_max, 0.0)
+    log_sum = tl.log(tl.where(active, running_sum, 1.0))
+    lse = running_max + log_sum
     if HAS_WEIGHT:
         target_weight = tl.load(WEIGHT + safe_t, mask=active, other=0.0).to(ACC)
     else:
         target_weight = tl.where(active, 1.0, 0.0).to(ACC)
     uniform = smoothing / C
     total_weight = tl.sum(weight_sum, axis=0)
-    ce = (1.0 - smoothing) * target_weight * (lse - x_t)
+    ce = (1.0 - smoothing) * target_weight * ((running_max - x_t) + log_sum)
     if SMOOTHING:
-        ce += uniform * ((lse - shift) * total_weight - smooth_sum)
+        ce += uniform * (((running_max - shift) + log_sum) * total_weight - smooth_sum)
     z = z_loss * lse * lse
     # a target out of range (the assert is off outside debug mode) makes its row nan
     ce = tl.where(active, ce, tl.where(counted, float("nan"), 0.0))
@@ -117,7 +121,7 @@ def _cross_entropy_kernel(
             mask = c_mask[:, None] & s_mask[None, :]
             read = c_mask[:, None] & active[None, :]  # ignored rows are written, not read
             v = tl.load(x_row[None, :] + c[:, None].to(tl.int64) * stride_xc, mask=read, other=0.0).to(ACC)
-            g = alpha[None, :] * tl.exp(v - lse[None, :])
+            g = alpha[None, :] * tl.exp((v - running_max[None, :]) - log_sum[None, :])
             if SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(WEIGHT + c, mask=c_mask, other=0.0).to(ACC)
@@ -264,6 +268,16 @@ def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_lo
     return loss, z_term, grad
 
 
+def _dense(t):
+    """Whether t's elements fill numel consecutive slots from its data pointer, in some order."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def cross_entropy_bwd_(grad, grad_loss):
     """grad *= grad_loss in place: grad_loss one element (a kernel that returns at once when it
     is 1, no host sync), or (N, S) per-row values broadcast over dim 1 of grad (N, C, S)."""
@@ -271,7 +285,7 @@ def cross_entropy_bwd_(grad, grad_loss):
         return
     if grad_loss.numel() != 1:
         grad.mul_(grad_loss.reshape(grad.shape[0], 1, grad.shape[2]))
-    elif not grad.is_non_overlapping_and_dense():
+    elif not _dense(grad):
         grad.mul_(grad_loss.reshape(()))
     else:  # dense: its numel elements from data_ptr, in whatever order
         block = 4096

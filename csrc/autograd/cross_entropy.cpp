@@ -1,13 +1,14 @@
 // Autograd of cross-entropy and of its linear form, for the C++ ops and their Triton twins
 // alike. The gradients come out of the forward (the row pass computes them with the loss);
-// backward only scales them by the incoming gradient, in place (cross_entropy_bwd_, which
-// skips an incoming 1 on the device). So a second backward through the same graph raises
-// (the saved gradient was modified in place), as torch's chunked linear_cross_entropy does.
+// backward only scales them by the incoming gradient: in place (cross_entropy_bwd_, which
+// skips an incoming 1 on the device) when the graph is freed after this backward, into a
+// new tensor when it is kept (retain_graph: the saved gradient serves the next backward).
 // linear_cross_entropy with reduction none cannot be scaled afterwards (grad_weight sums the
 // tokens' gradients): its backward runs the chunk loop again with per-token grad_loss.
 // z_term (the z-loss part of the loss, returned for logging) is not differentiable: its
 // gradient is already part of the loss's.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -44,10 +45,23 @@ bool requires_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t
 
 bool requires_grad(const OptionalTensor& t) { return t.has_value() && requires_grad(*t); }
 
-// grad *= grad_loss in place, through the backend's backward op; an undefined grad stays so.
+// A tensor torch.compile traces with (functional or fake: behind the Python or Functionalize
+// key), or a tensor subclass.
+bool traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// grad * grad_loss (one value, or (N, S) per row of grad (N, C, S)): in place through the
+// backend's backward op; into a new tensor when the graph is kept for another backward, and
+// when traced (a functional graph cannot scale a forward output in place; the compiler may
+// fuse the multiply into what reads the gradient).
 template <const char* bwd_name>
 at::Tensor scaled(at::Tensor grad, const at::Tensor& grad_loss) {
-  if (!grad.defined() || grad.numel() == 0) return at::Tensor();
+  // sym_numel: traced with symbolic shapes under torch.compile
+  if (!grad.defined() || grad.sym_numel() == 0) return at::Tensor();
+  if (torch::autograd::get_current_graph_task_keep_graph() || traced(grad)) {
+    return grad.mul(grad_loss.sym_numel() == 1 ? grad_loss.reshape({}) : grad_loss.unsqueeze(1));
+  }
   op_handle<CrossEntropyBwdSignature, bwd_name>().call(grad, grad_loss);
   return grad;
 }

@@ -173,22 +173,26 @@ __attribute__((always_inline)) inline void block_smooth_sums(const acc_t* __rest
   weight_sum += w ? ws : static_cast<acc_t>(n);
 }
 
-// out_j = alpha * exp(v_j - lse) - beta * w_j for j < n. out may be v (the linear form
-// overwrites its logits with their gradient): element j is read before it is written.
+// out_j = alpha * exp((v_j - max) - log_sum) - beta * w_j for j < n. out may be v (the
+// linear form overwrites its logits with their gradient): element j is read before it is
+// written.
 template <typename acc_t>
-__attribute__((always_inline)) inline void block_grad(const acc_t* v, const acc_t* __restrict w, int64_t n, acc_t lse,
-                                                      acc_t alpha, acc_t beta, acc_t* out) {
+__attribute__((always_inline)) inline void block_grad(const acc_t* v, const acc_t* __restrict w, int64_t n, acc_t max,
+                                                      acc_t log_sum, acc_t alpha, acc_t beta, acc_t* out) {
   constexpr int64_t W = kLanes<acc_t>;
-  const V<acc_t> lses = splat(lse), alphas = splat(alpha), betas = splat(beta);
+  const V<acc_t> maxes = splat(max), log_sums = splat(log_sum), alphas = splat(alpha), betas = splat(beta);
   int64_t j = 0;
   if (w) {
     for (; j + W <= n; j += W) {
-      store(out + j, alphas * exp_lanes<acc_t>(load<acc_t, kBytes>(v + j) - lses) - betas * load<acc_t, kBytes>(w + j));
+      const V<acc_t> p = exp_lanes<acc_t>((load<acc_t, kBytes>(v + j) - maxes) - log_sums);
+      store(out + j, alphas * p - betas * load<acc_t, kBytes>(w + j));
     }
   } else {
-    for (; j + W <= n; j += W) store(out + j, alphas * exp_lanes<acc_t>(load<acc_t, kBytes>(v + j) - lses) - betas);
+    for (; j + W <= n; j += W) {
+      store(out + j, alphas * exp_lanes<acc_t>((load<acc_t, kBytes>(v + j) - maxes) - log_sums) - betas);
+    }
   }
-  for (; j < n; ++j) out[j] = alpha * exp_scalar(v[j] - lse) - beta * (w ? w[j] : acc_t(1));
+  for (; j < n; ++j) out[j] = alpha * exp_scalar((v[j] - max) - log_sum) - beta * (w ? w[j] : acc_t(1));
 }
 
 // One row r = (n, s). buf, gbuf: kBlock scratch values. g may be x (not restrict).
@@ -222,11 +226,11 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a,
     if (stats.max != -INFINITY) stats.sum += block_sum_exp(v, len, stats.max);
     if (a.smoothing != 0) block_smooth_sums(v, a.weight ? a.weight + j0 : nullptr, len, shift, smooth_sum, weight_sum);
   }
-  const acc_t lse = stats.max + std::log(stats.sum);
+  const acc_t log_sum = std::log(stats.sum);
   const acc_t* scale = a.scale + r * a.scale_stride;
   const acc_t target_weight = a.weight ? a.weight[t] : acc_t(1);
-  const RowTerms<acc_t> terms = row_terms<acc_t>(lse, static_cast<acc_t>(x[t]), target_weight, shift, smooth_sum,
-                                                 weight_sum, a.smoothing, C, a.z_loss, scale[0], scale[1]);
+  const RowTerms<acc_t> terms = row_terms<acc_t>(stats.max, log_sum, static_cast<acc_t>(x[t]), target_weight, shift,
+                                                 smooth_sum, weight_sum, a.smoothing, C, a.z_loss, scale[0], scale[1]);
   a.ce[r] = terms.ce;
   a.z[r] = terms.z;
   if (!g) return;
@@ -235,13 +239,14 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a,
     const int64_t len = std::min(kBlock, C - j0);
     const acc_t* w = a.weight ? a.weight + j0 : nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      block_grad(x + j0, w, len, lse, terms.alpha, terms.beta, g + j0);
+      block_grad(x + j0, w, len, stats.max, log_sum, terms.alpha, terms.beta, g + j0);
     } else {
-      block_grad(as_acc(x + j0, len, buf), w, len, lse, terms.alpha, terms.beta, gbuf);
+      block_grad(as_acc(x + j0, len, buf), w, len, stats.max, log_sum, terms.alpha, terms.beta, gbuf);
       for (int64_t j = 0; j < len; ++j) g[j0 + j] = static_cast<scalar_t>(gbuf[j]);
     }
   }
-  g[t] = static_cast<scalar_t>(terms.alpha * exp_scalar(x_t - lse) - terms.beta * target_weight - terms.target_term);
+  g[t] = static_cast<scalar_t>(terms.alpha * exp_scalar((x_t - stats.max) - log_sum) - terms.beta * target_weight -
+                               terms.target_term);
 }
 
 // --------------------------------------------------------------- columns (positions contiguous)
@@ -302,16 +307,16 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>
   const Vt m_finite = m == splat<acc_t>(-INFINITY) ? Vt{} : m;
   Vt sum = {};
   for (int64_t c = 0; c < C; ++c) sum += exp_lanes<acc_t>(load_lanes(x + c * a.x_c, count, acc_t(0)) - m_finite);
-  Vt alpha = {}, beta = {}, target_term = {}, lse = {};
+  Vt alpha = {}, beta = {}, target_term = {}, log_sum = {};
   for (int64_t k = 0; k < W; ++k) {
     const int64_t r = first_row + k;
     if (!active[k]) {
       if (k < count) a.ce[r] = a.z[r] = 0;
       continue;
     }
-    lse[k] = m[k] + std::log(sum[k]);
+    log_sum[k] = std::log(sum[k]);
     const acc_t* scale = a.scale + r * a.scale_stride;
-    const RowTerms<acc_t> terms = row_terms<acc_t>(lse[k], target_logit[k], target_weight[k], shift[k],
+    const RowTerms<acc_t> terms = row_terms<acc_t>(m[k], log_sum[k], target_logit[k], target_weight[k], shift[k],
                                                    smooth_sum[k], weight_sum, a.smoothing, C, a.z_loss, scale[0],
                                                    scale[1]);
     a.ce[r] = terms.ce;
@@ -332,7 +337,7 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>
   for (int64_t c = 0; c < C; ++c) {
     const Vt v = load_lanes(x + c * a.x_c, count, acc_t(0));
     const acc_t wc = a.weight ? a.weight[c] : acc_t(1);
-    Vt grad = alpha * exp_lanes<acc_t>(v - lse) - beta * wc;
+    Vt grad = alpha * exp_lanes<acc_t>((v - m_finite) - log_sum) - beta * wc;
     grad = targets == (Mask{} + static_cast<Index>(c)) ? grad - target_term : grad;
     grad = live != Mask{} ? grad : Vt{};  // ignored positions: exactly 0 whatever their logits
     store_lanes<scalar_t, acc_t>(g + c * a.g_c, grad, count);

@@ -108,11 +108,11 @@ __attribute__((always_inline)) inline V exp_approx(V x) {
   return underflow ? V{} : e * scale;
 }
 
-// The lanes of a vector summed in a fixed order.
+// The lanes of a vector (of any width) summed in a fixed order.
 template <typename V, typename T = std::remove_cvref_t<decltype(std::declval<V>()[0])>>
 __attribute__((always_inline)) inline T sum_lanes(V v) {
   T total = 0;
-  for (int64_t k = 0; k < kWidth<T>; ++k) total += v[k];
+  for (int64_t k = 0; k < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++k) total += v[k];
   return total;
 }
 

@@ -115,10 +115,10 @@ __global__ void cross_entropy_kernel(RowPassParams<scalar_t> p) {
     }
     return;
   }
-  const acc_t lse = total.stats.max + std::log(total.stats.sum);
+  const acc_t max = total.stats.max, log_sum = std::log(total.stats.sum);
   const acc_t* scale = p.scale + r * p.scale_stride;
   const acc_t target_weight = p.weight ? p.weight[t] : acc_t(1);
-  const RowTerms<acc_t> terms = row_terms<acc_t>(lse, target_logit, target_weight, shift, total.smooth_sum,
+  const RowTerms<acc_t> terms = row_terms<acc_t>(max, log_sum, target_logit, target_weight, shift, total.smooth_sum,
                                                  total.weight_sum, p.smoothing, p.C, p.z_loss, scale[0], scale[1]);
   if (group == 0) {
     p.ce[r] = terms.ce;
@@ -128,7 +128,7 @@ __global__ void cross_entropy_kernel(RowPassParams<scalar_t> p) {
   scalar_t* g = p.grad + n * p.g_n + s * p.g_s;
   for (int64_t c = group; c < p.C; c += groups) {
     const acc_t v = static_cast<acc_t>(x[c * p.x_c]);
-    acc_t value = terms.alpha * std::exp(v - lse) - terms.beta * (p.weight ? p.weight[c] : acc_t(1));
+    acc_t value = terms.alpha * std::exp((v - max) - log_sum) - terms.beta * (p.weight ? p.weight[c] : acc_t(1));
     if (c == t) value -= terms.target_term;
     g[c * p.g_c] = static_cast<scalar_t>(value);
   }

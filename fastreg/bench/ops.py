@@ -4,10 +4,10 @@ Adding an op is adding one `BenchOp` to `OPS`. Its byte model gives, per mode, t
 per element of the main input a kernel must move at the least (E = element size), the
 figure behind the GB/s column; see the table in the engineering guide.
 
-Layer ops run the modes fwd, bwd and fwd+bwd. Losses run fwd and fwd+bwd (their gradient
-may be made in the forward and consumed by the one backward, so a backward repeated over
-one graph is not a mode of theirs), with an incoming gradient of 1, what loss.backward()
-passes. Optimizer ops run one mode, `step`: their "main input" is the parameter set, shape
+Layer ops run the modes fwd, bwd and fwd+bwd. Losses run fwd and fwd+bwd, with an incoming
+gradient of 1, what loss.backward() passes (fastreg's make their gradient in the forward;
+a backward repeated over a retained graph, the bwd mode, would time a copy no training
+step makes). Optimizer ops run one mode, `step`: their "main input" is the parameter set, shape
 (tensors, elements per tensor), and their functions build an optimizer over it (see
 `make_callable`).
 """

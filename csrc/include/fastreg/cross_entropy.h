@@ -10,9 +10,11 @@
 //   g_c = alpha * p_c - beta * w_c - [c == t] * target_term
 //   alpha = ce_scale * ((1 - eps) * w_t + eps / C * sum_c w_c) + z_scale * 2 * z * lse
 //   beta = ce_scale * eps / C,  target_term = ce_scale * (1 - eps) * w_t
-// The smoothing sum is taken of x_c - shift (shift: a logit of the row), so a large common
-// offset of the logits costs no precision: sum_c w_c (lse - x_c) =
-// (lse - shift) * sum_c w_c - sum_c w_c (x_c - shift).
+// lse is kept as max + log_sum (log_sum = log sum_c exp(x_c - max)) and every difference
+// with a logit is taken from the max first: lse - x_t = (max - x_t) + log_sum, and
+// p_c = exp((x_c - max) - log_sum); the smoothing sum is taken of x_c - shift (shift: a
+// logit of the row): sum_c w_c (lse - x_c) = ((max - shift) + log_sum) * sum_c w_c -
+// sum_c w_c (x_c - shift). So a large common offset of the logits costs no precision.
 #include <cmath>
 #include <cstdint>
 
@@ -45,17 +47,19 @@ struct RowTerms {
   T alpha, beta, target_term;  // its gradient: g_c = alpha * p_c - beta * w_c - [c == t] * target_term
 };
 
-// The loss terms and gradient coefficients of a non-ignored row from its statistics.
-// target_weight = w_t; smooth_sum = sum_c w_c * (x_c - shift); weight_total = sum_c w_c
-// (C without weights); ce_scale, z_scale: the multipliers of the two terms' gradients.
+// The loss terms and gradient coefficients of a non-ignored row from its statistics (max,
+// log_sum = log sum_c exp(x_c - max)). target_weight = w_t; smooth_sum = sum_c w_c *
+// (x_c - shift); weight_total = sum_c w_c (C without weights); ce_scale, z_scale: the
+// multipliers of the two terms' gradients.
 template <typename T>
-FASTREG_HOST_DEVICE RowTerms<T> row_terms(T lse, T target_logit, T target_weight, T shift, T smooth_sum,
+FASTREG_HOST_DEVICE RowTerms<T> row_terms(T max, T log_sum, T target_logit, T target_weight, T shift, T smooth_sum,
                                           T weight_total, T smoothing, int64_t classes, T z_loss, T ce_scale,
                                           T z_scale) {
   const T uniform = smoothing / static_cast<T>(classes);
+  const T lse = max + log_sum;
   RowTerms<T> r;
-  r.ce = (T(1) - smoothing) * target_weight * (lse - target_logit);
-  if (smoothing != T(0)) r.ce += uniform * ((lse - shift) * weight_total - smooth_sum);
+  r.ce = (T(1) - smoothing) * target_weight * ((max - target_logit) + log_sum);
+  if (smoothing != T(0)) r.ce += uniform * (((max - shift) + log_sum) * weight_total - smooth_sum);
   r.z = z_loss * lse * lse;
   r.alpha = ce_scale * ((T(1) - smoothing) * target_weight + uniform * weight_total) + z_scale * T(2) * z_loss * lse;
   r.beta = ce_scale * uniform;
