@@ -84,7 +84,7 @@ def _cross_entropy_kernel(
                 w = tl.load(WEIGHT + c, mask=c_mask, other=0.0).to(ACC)
             else:
                 w = tl.where(c_mask, 1.0, 0.0).to(ACC)
-            smooth_sum += tl.sum(tl.where(mask, w[:, None] * (v - shift[None, :]), 0.0), axis=0)
+            smooth_sum += tl.sum(w[:, None] * tl.where(mask, v - shift[None, :], 0.0), axis=0)
             weight_sum += w
     # lse = running_max + log_sum; differences with a logit are taken from the max first, so a
     # large common offset of the logits costs no precision

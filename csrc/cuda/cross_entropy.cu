@@ -11,7 +11,6 @@
 // the row from L2). The reductions over rows are torch's (deterministic on CUDA).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -177,7 +176,7 @@ void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, const at:
     p.z_loss = static_cast<acc_t>(z_loss);
     const size_t shared = sizeof(ThreadState<acc_t>) * block.x * block.y;
     cross_entropy_kernel<scalar_t><<<static_cast<unsigned>(blocks), block, shared,
-                                     at::cuda::getCurrentCUDAStream()>>>(p);
+                                     c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -282,7 +281,7 @@ void cross_entropy_bwd_cuda_(at::Tensor& grad, const at::Tensor& grad_loss) {
                                     [&] {
                                       scale_kernel<grad_t, scalar_t>
                                           <<<static_cast<unsigned>(blocks), threads, 0,
-                                             at::cuda::getCurrentCUDAStream()>>>(
+                                             c10::cuda::getCurrentCUDAStream()>>>(
                                               grad.mutable_data_ptr<grad_t>(),
                                               grad_loss.const_data_ptr<scalar_t>(), grad.numel());
                                       C10_CUDA_KERNEL_LAUNCH_CHECK();
