@@ -132,7 +132,7 @@ TORCH_LIBRARY(fastreg, m) {
   // grad_bias), each gradient empty unless asked for; grad_weight and grad_bias accumulate in
   // float32 (float64). grad_loss (T,): per-token incoming gradients the gradients are
   // scaled by (the backward of reduction none, which recomputes); else as for an incoming 1.
-  // chunk_tokens: tokens per chunk (0: at most 64 MiB and 1/8 of the logits, at least 32 tokens).
+  // chunk_tokens: tokens per chunk (0: at least 5 equal chunks of at most 256 MiB of logits).
   def(
       "linear_cross_entropy_fwd", "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, int ignore_index, float label_smoothing, float z_loss, int reduction, Tensor? grad_loss, "

@@ -28,9 +28,9 @@ import triton.language as tl
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2  # torch's enum
 MAX_TILE = 4096  # logits per program per class block (BLOCK_C * BLOCK_S)
-# tokens per chunk of linear_cross_entropy: at most LINEAR_CHUNK_BYTES of logits and
-# 1 / LINEAR_CHUNK_PARTS of the tokens, at least LINEAR_CHUNK_MIN_TOKENS
-LINEAR_CHUNK_BYTES, LINEAR_CHUNK_PARTS, LINEAR_CHUNK_MIN_TOKENS = 64 << 20, 8, 32
+# tokens per chunk of linear_cross_entropy: at least LINEAR_CHUNK_PARTS equal chunks of at most
+# LINEAR_CHUNK_BYTES of logits, at least LINEAR_CHUNK_MIN_TOKENS tokens
+LINEAR_CHUNK_BYTES, LINEAR_CHUNK_PARTS, LINEAR_CHUNK_MIN_TOKENS = 256 << 20, 5, 32
 
 
 @triton.jit
@@ -293,10 +293,10 @@ def cross_entropy_bwd_(grad, grad_loss):
 
 
 def linear_chunk_tokens(tokens, classes, element_size):
-    """Tokens per chunk: the buffer of their logits is at most 1/8 of the whole logits."""
-    by_bytes = LINEAR_CHUNK_BYTES // max(classes * element_size, 1)
-    by_parts = -(-tokens // LINEAR_CHUNK_PARTS)
-    return max(1, min(max(min(by_bytes, by_parts), LINEAR_CHUNK_MIN_TOKENS), tokens))
+    """Tokens per chunk: equal chunks, at least LINEAR_CHUNK_PARTS of them (the buffer of a
+    chunk's logits is at most 1/5 of the whole logits), each at most LINEAR_CHUNK_BYTES."""
+    parts = max(LINEAR_CHUNK_PARTS, -(-tokens * classes * element_size // LINEAR_CHUNK_BYTES))
+    return max(1, min(max(-(-tokens // parts), LINEAR_CHUNK_MIN_TOKENS), tokens))
 
 
 def linear_cross_entropy_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,

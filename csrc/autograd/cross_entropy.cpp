@@ -76,6 +76,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction<fwd
         input, target, weight, ignore_index, label_smoothing, z_loss, reduction, compute_grad);
     ctx->save_for_backward({grad});
     ctx->mark_non_differentiable({z_term, grad});
+    ctx->set_materialize_grads(false);  // no zeros for the gradients of z_term and grad
     return {loss, z_term, grad};
   }
 
@@ -124,6 +125,7 @@ struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropy
       ctx->save_for_backward({d_input, d_weight, d_bias});
     }
     ctx->mark_non_differentiable({z_term, d_input, d_weight, d_bias});
+    ctx->set_materialize_grads(false);  // no zeros for the gradients of the non-differentiable outputs
     return {loss, z_term, d_input, d_weight, d_bias};
   }
 

@@ -515,10 +515,15 @@ struct CpuRowPass {
     cross_entropy_rows(x, target.unsqueeze(1), weight, ignore_index, smoothing, z_loss, scale, ce_rows, z_rows,
                        with_grad ? x : at::Tensor());
   }
-  // float16/bfloat16: the chunk's operands in float32 (CPU matmuls in those dtypes are
-  // emulated, slower than float32's)
+  // float16/bfloat16: the operands in float32 (CPU matmuls in those dtypes are emulated,
+  // slower than float32's), kSlice tokens at a time so the float32 copies stay small
   void add_weight_grad(at::Tensor& grad_weight, const at::Tensor& grad_logits, const at::Tensor& x) const {
-    grad_weight.addmm_(grad_logits.t().to(grad_weight.scalar_type()), x.to(grad_weight.scalar_type()));
+    constexpr int64_t kSlice = 128;
+    const auto acc = grad_weight.scalar_type();
+    for (int64_t start = 0; start < x.size(0); start += kSlice) {
+      const int64_t rows = std::min(kSlice, x.size(0) - start);
+      grad_weight.addmm_(grad_logits.narrow(0, start, rows).t().to(acc), x.narrow(0, start, rows).to(acc));
+    }
   }
   void reduce(const at::Tensor& ce_rows, const at::Tensor& z_rows, int64_t reduction, const Totals& totals,
               at::Tensor& loss, at::Tensor& z_term) const {
