@@ -150,4 +150,32 @@ TORCH_LIBRARY(fastreg, m) {
   def(
       "gn_bwd", "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int groups, "
       "bool silu) -> (Tensor, Tensor, Tensor)");
+
+  // Cross-entropy over the class dim of logits `input` (N, C, S) with class-index `target`
+  // (N, S) int64 (rows equal to ignore_index count for nothing), class weights `weight` (C,),
+  // torch's label smoothing, and z_loss * logsumexp^2 per row (csrc/include/fastreg/cross_entropy.h
+  // has the formulas). reduction: 0 none, 1 mean, 2 sum (torch's enum); a mean divides the
+  // cross-entropy terms by the total weight of the counted targets and the z-loss terms by
+  // their count. Returns (loss, z_term, grad): loss and its z-loss part z_term in input's
+  // dtype, 0-dim or (N, S) for none; with compute_grad, the gradient of the loss with respect
+  // to input for an incoming gradient of 1 (per row, for none), computed in the same pass,
+  // else an empty tensor. Arithmetic in float32 (float64 for float64).
+  def(
+      "cross_entropy_fwd", "(Tensor input, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "float z_loss, int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // grad *= grad_loss in place: a one-element grad_loss (skipped on the device when it is 1),
+  // or (N, S) per-row values broadcast over the class dim of grad (N, C, S).
+  def("cross_entropy_bwd_", "(Tensor(a!) grad, Tensor grad_loss) -> ()");
+  // cross_entropy_fwd of logits = input @ linear_weight^T + linear_bias for input (T, H),
+  // linear_weight (V, H), target (T,), without the (T, V) logits: chunks of tokens through
+  // the backend's matmul and row pass. Returns (loss, z_term, grad_input, grad_weight,
+  // grad_bias), each gradient empty unless asked for; grad_weight and grad_bias accumulate in
+  // float32 (float64). grad_loss (T,): per-token incoming gradients the gradients are
+  // scaled by (the backward of reduction none, which recomputes); else as for an incoming 1.
+  // chunk_tokens: tokens per chunk (0: at least 5 equal chunks of at most 256 MiB of logits).
+  def(
+      "linear_cross_entropy_fwd", "(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, int ignore_index, float label_smoothing, float z_loss, int reduction, Tensor? grad_loss, "
+      "bool grad_input, bool grad_weight, bool grad_bias, int chunk_tokens=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

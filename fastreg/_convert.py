@@ -36,13 +36,18 @@ _DROP_INS = {
     torch.nn.InstanceNorm2d: "InstanceNorm2d",
     torch.nn.InstanceNorm3d: "InstanceNorm3d",
 }
+# drop-ins swapped only when include= selects them: a loss is not a layer of the model, and
+# swapping it changes what a training script computes (its kernels, not its values)
+_OPT_IN = {torch.nn.CrossEntropyLoss: "CrossEntropyLoss"}
+if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # torch 2.13 and later
+    _OPT_IN[torch.nn.LinearCrossEntropyLoss] = "LinearCrossEntropyLoss"
 
 Selector = Iterable[str | type] | Callable[[str, torch.nn.Module], bool] | None
 
 
 def drop_in_for(module_type: type) -> type | None:
     """fastreg's drop-in for exactly `module_type`, or None."""
-    name = _DROP_INS.get(module_type)
+    name = _DROP_INS.get(module_type) or _OPT_IN.get(module_type)
     replacement = getattr(fastreg_nn, name, None) if name is not None else None
     if replacement is None:
         return None
@@ -69,7 +74,8 @@ def convert(model: torch.nn.Module, include: Selector = None, exclude: Selector 
             verbose: bool = True) -> torch.nn.Module:
     """Replace, in place, every torch.nn Dropout*, AlphaDropout, FeatureAlphaDropout, BatchNorm*,
     SyncBatchNorm, LayerNorm, RMSNorm, GroupNorm and InstanceNorm* module of `model` (exact
-    types) with fastreg's.
+    types) with fastreg's; CrossEntropyLoss and LinearCrossEntropyLoss only when `include`
+    selects them.
 
     include / exclude: module names as in `model.named_modules()` (a name also selects
     the modules under it), class names ("Dropout"), classes, or a predicate
@@ -83,6 +89,8 @@ def convert(model: torch.nn.Module, include: Selector = None, exclude: Selector 
         if replacement is None:
             continue
         if include is not None and not _matches(include, name, module):
+            continue
+        if include is None and type(module) in _OPT_IN:
             continue
         if exclude is not None and _matches(exclude, name, module):
             continue

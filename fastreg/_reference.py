@@ -476,3 +476,53 @@ def drop_block_apply(x, mask, scale):
     """x * keep * scale for a mask in x's memory order; y has x's strides."""
     y = _times_keep_scale(x, unpack_keep_bits(mask, x), scale)
     return torch.empty_like(x).copy_(y)  # x is dense: its strides
+
+
+def cross_entropy_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, reduction, compute_grad=False):
+    """Cross-entropy of logits input (N, C, S) over dim 1 with class indices target (N, S):
+    the contract of the kernels' cross_entropy_fwd (csrc/ops.cpp), in float32 (float64 for
+    float64) torch ops differentiated by autograd. Returns (loss, z_term, empty): the
+    gradient comes from autograd here, and z_term is detached (the kernels' is not
+    differentiable). The out-of-range check and its IndexError are nll_loss's."""
+    acc = torch.promote_types(input.dtype, torch.float32)
+    # rows (N * S, C): torch's last-dim softmax kernels (its dim-1 kernels of (N, C, S) take
+    # a coarser exp in their backward)
+    x = input.to(acc).movedim(1, 2).reshape(-1, input.shape[1])
+    rows = target.reshape(-1)
+    w = weight.to(acc) if weight is not None else None
+    log_p = torch.log_softmax(x, dim=1)
+    counted = rows != ignore_index
+    # (1 - eps) * w_t * -log p_t, 0 where ignored; nll_loss checks the targets' range
+    ce = (1 - label_smoothing) * torch.nn.functional.nll_loss(
+        log_p, rows, weight=w, ignore_index=ignore_index, reduction="none")
+    if label_smoothing > 0:  # eps / C * sum_c w_c * -log p_c, torch's smoothing term
+        weighted = log_p * w if w is not None else log_p
+        ce = ce + label_smoothing / x.shape[1] * torch.where(counted, -weighted.sum(1), 0)
+    z = torch.where(counted, z_loss * torch.logsumexp(x, dim=1).square(), 0)
+    if reduction == 0:
+        loss, z_term = (ce + z).view(target.shape), z.view(target.shape)
+    else:
+        loss, z_term = ce.sum(), z.sum()
+        if reduction == 1:  # ce over the counted targets' total weight, z over their count
+            safe_target = torch.where(counted, rows, 0)
+            target_weight = w[safe_target] if w is not None else torch.ones_like(ce)
+            count = counted.sum().to(acc)
+            z_term = z_term / count
+            loss = loss / torch.where(counted, target_weight, 0).sum() + z_term
+        else:
+            loss = loss + z_term
+    return loss.to(input.dtype), z_term.detach().to(input.dtype), input.new_empty(0)
+
+
+def linear_cross_entropy_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+                             z_loss, reduction, grad_loss=None, grad_input=False, grad_weight=False,
+                             grad_bias=False, chunk_tokens=0):
+    """cross_entropy_fwd of input @ linear_weight^T + linear_bias (input (T, H), target (T,)),
+    the whole logits at once; the gradients come from autograd (empty here)."""
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    loss, z_term, _ = cross_entropy_fwd(logits.unsqueeze(2), target.unsqueeze(1), weight, ignore_index,
+                                        label_smoothing, z_loss, reduction)
+    if reduction == 0:
+        loss, z_term = loss.squeeze(1), z_term.squeeze(1)
+    empty = input.new_empty(0)
+    return loss, z_term, empty, empty, empty

@@ -18,6 +18,7 @@ import torch.nn.functional as torch_F
 
 from fastreg import _batch_norm, _reference, _rng
 from fastreg._backend import choose_backend
+from fastreg.ops.cross_entropy import CROSS_ENTROPY_FWD, LINEAR_CROSS_ENTROPY_FWD
 from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_
 from fastreg.ops.dropout import DROPOUT, DROPOUT_
 from fastreg.ops.group_norm import GN_FWD
@@ -27,7 +28,7 @@ from fastreg.ops.norm import NORM_FWD
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
     "layer_norm", "rms_norm", "dropout_add_layer_norm", "dropout_add_rms_norm", "batch_norm",
-    "group_norm", "instance_norm",
+    "group_norm", "instance_norm", "cross_entropy", "linear_cross_entropy",
     "gaussian_dropout", "gaussian_noise", "alpha_dropout", "feature_alpha_dropout", "drop_block2d", "drop_block3d",
 ]
 
@@ -45,6 +46,12 @@ def _torch_decides(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
         return True
     device = first.device
     return any(t is not None and (not t.is_floating_point() or t.device != device) for t in others)
+
+
+def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
+    """For fastreg's own functions (no torch function to defer to): floating-point inputs only."""
+    if not tensor.is_floating_point():
+        raise RuntimeError(f"fastreg.{op}: expected a floating-point '{name}', got {tensor.dtype}")
 
 
 def _masked(x: torch.Tensor, p: float, inplace: bool, inner: int, op: str) -> torch.Tensor:
@@ -544,3 +551,169 @@ def drop_block3d(input: torch.Tensor, p: float, block_size: int, inplace: bool =
                  training: bool = True, *, shared_mask: bool = False) -> torch.Tensor:
     """torchvision.ops.drop_block3d on (N, C, D, H, W) inputs: drop_block2d with cubes."""
     return _drop_block(input, p, block_size, inplace, eps, training, shared_mask, dims=3)
+
+
+# ------------------------------------------------------------------------ cross-entropy
+
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # torch's at::Reduction
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _class_index_call_ok(input, target, weight, reduction, label_smoothing, classes, batch_shape) -> bool:
+    """Whether a call with class-index targets passes every check torch makes before it reads
+    the targets' values: then fastreg's kernels run it; else torch does (and raises its error)."""
+    return (
+        input.dtype in _LOGIT_DTYPES
+        and target.dtype in (torch.int64, torch.uint8)
+        and target.device == input.device
+        and tuple(target.shape) == batch_shape
+        and (weight is None or (weight.dim() == 1 and weight.shape[0] == classes and weight.dtype == input.dtype
+                                and weight.device == input.device))
+        and reduction in _REDUCTION_CODES
+        and label_smoothing <= 1.0
+    )
+
+
+def _z_loss_term(logits, class_dim, z_loss, reduction):
+    """z_loss * logsumexp^2 over the class dim, reduced (mean over the positions): the z-loss
+    of probability targets, which run on torch's cross_entropy."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    z = z_loss * torch.logsumexp(logits.to(acc), dim=class_dim).square()
+    if reduction == "mean":
+        z = z.mean()
+    elif reduction == "sum":
+        z = z.sum()
+    return z.to(logits.dtype)
+
+
+def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    """torch's cross_entropy (probability targets, and calls torch rejects: its error) plus the z-loss."""
+    loss = torch_F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                 label_smoothing=label_smoothing)
+    z_term = _z_loss_term(input, 0 if input.dim() == 1 else 1, z_loss, reduction) if z_loss else loss.new_zeros(())
+    return (loss + z_term if z_loss else loss), z_term.detach()
+
+
+def _class_view(input, target):
+    """The logits as an (N, C, S) view with the classes on dim 1 and the targets as (N, S)
+    int64. The positions (N, d1, ...) -> S are a view where they merge (contiguous and
+    channels-last inputs); transposed (N, C) logits (C-major) become (1, C, N), read as
+    positions. Otherwise the kernel copies the logits to contiguous (one more pass)."""
+    target = target if target.dtype == torch.int64 else target.long()
+    if input.dim() == 1:
+        return input.unsqueeze(0).unsqueeze(2), target.reshape(1, 1)
+    if input.dim() == 2:
+        if input.stride(1) != 1 and input.stride(0) == 1 and input.shape[0] > 1:
+            return input.t().unsqueeze(0), target.unsqueeze(0)
+        return input.unsqueeze(2), target.unsqueeze(1)
+    return input.flatten(2), target.reshape(input.shape[0], -1)
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    """(loss, z_term) of fastreg.functional.cross_entropy."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)) or input.dim() == 0 \
+            or input.shape == target.shape:  # probability targets (torch's test): torch runs them
+        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    batch_shape = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    if not _class_index_call_ok(input, target, weight, reduction, label_smoothing, classes, batch_shape):
+        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    logits, targets = _class_view(input, target)
+    backend = choose_backend(input.device.type)
+    # torch ignores a negative label_smoothing
+    loss, z_term, _ = CROSS_ENTROPY_FWD[backend](logits, targets, weight, int(ignore_index),
+                                                 float(max(label_smoothing, 0.0)), float(z_loss),
+                                                 _REDUCTION_CODES[reduction], False)
+    if reduction == "none":
+        return loss.view(batch_shape), z_term.view(batch_shape)
+    return loss, z_term
+
+
+def _check_z_loss(z_loss):
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be non-negative, got {z_loss}")
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy (same arguments, same errors) with the gradient of the
+    logits computed in the forward's pass over them, plus PaLM's z-loss: z_loss * logsumexp^2
+    per counted position, added to the loss (a mean takes it over the counted positions).
+
+    Class-index targets run on fastreg's kernels: inputs (C,), (N, C), (N, C, d1, ...),
+    float16 / bfloat16 / float32 logits with float32 math (float64 in float64), class weights,
+    ignore_index, label smoothing as torch defines it. Probability targets (float targets of
+    the input's shape) run on torch's own cross_entropy, the z-loss added by torch ops.
+    The gradient is saved instead of the logits; backward scales it by the incoming gradient
+    (in place), so a second backward through the same graph raises.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn.functional._Reduction.legacy_get_string(size_average, reduce)
+    _check_z_loss(z_loss)
+    return _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)[0]
+
+
+def _linear_checks(input, linear_weight, linear_bias):
+    """torch's checks of linear_cross_entropy's shapes, with its messages."""
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively"
+        )
+    expected_bias = tuple(linear_weight.shape[:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != expected_bias:
+        raise RuntimeError(f"expected linear_bias shape {expected_bias}, got {tuple(linear_bias.shape)}")
+    if linear_weight.dim() > 2 and input.dim() == 1:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {input.shape[-1]}), got unbatched input with shape {tuple(input.shape)}"
+        )
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction: str = "mean",
+                         ignore_index: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False, options=None):
+    """torch.nn.functional.linear_cross_entropy (torch 2.13+; same arguments, defaults and
+    errors; `options` is accepted and ignored): cross_entropy(F.linear(input, linear_weight,
+    linear_bias), target, ...) without ever holding the (tokens, classes) logits or their
+    gradient. Chunks of tokens run through the backend's matmul and cross-entropy row pass;
+    the input, weight and bias gradients are made in the forward (the weight's accumulated in
+    float32) and scaled in backward; reduction "none" recomputes them in backward instead.
+
+    ignore_index=None means -100 for class-index targets (torch's mapping). z_loss as in
+    cross_entropy; return_z_loss=True returns (loss, z_loss term) (the term for logging: its
+    gradient is part of the loss's). K-dimensional weights (C, d1, ..., in_features) and
+    probability targets take the unfused path: F.linear, then fastreg's cross_entropy.
+    """
+    _check_z_loss(z_loss)
+    _linear_checks(input, linear_weight, linear_bias)
+    classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    logits_shape = (*input.shape[:-1], classes, *out_features)
+    probabilities = tuple(target.shape) == logits_shape
+    if probabilities and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    fused = (
+        not out_features and not probabilities
+        and linear_weight.dtype == input.dtype and linear_weight.device == input.device
+        and (linear_bias is None or (linear_bias.dtype == input.dtype and linear_bias.device == input.device))
+        and _class_index_call_ok(input, target, weight, reduction, label_smoothing, classes, tuple(input.shape[:-1]))
+    )
+    if not fused:  # what torch's reference path computes (and raises)
+        flat_bias = linear_bias.reshape(-1) if linear_bias is not None else None
+        logits = torch_F.linear(input, linear_weight.reshape(-1, input.shape[-1]), flat_bias).reshape(logits_shape)
+        loss, z_term = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    else:
+        tokens = input if input.dim() == 2 else input.unsqueeze(0)
+        targets = (target if target.dtype == torch.int64 else target.long()).reshape(-1)
+        backend = choose_backend(input.device.type)
+        loss, z_term, _, _, _ = LINEAR_CROSS_ENTROPY_FWD[backend](
+            tokens, linear_weight, linear_bias, targets, weight, int(ignore_index), float(max(label_smoothing, 0.0)),
+            float(z_loss), _REDUCTION_CODES[reduction], None, False, False, False)
+        if reduction == "none" and input.dim() == 1:
+            loss, z_term = loss.squeeze(0), z_term.squeeze(0)
+    return (loss, z_term) if return_z_loss else loss

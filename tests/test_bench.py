@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastreg.bench.__main__ import main
-from fastreg.bench.ops import LAYER_MODES, OPS, STEP_MODES
+from fastreg.bench.ops import LAYER_MODES, LOSS_MODES, OPS, STEP_MODES
 
 
 @pytest.mark.parametrize("op, shape, text", [("dropout", [4096], "4,096"),
@@ -38,11 +38,18 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys, op, shape, text)
 def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
     for op in OPS.values():
         assert set(op.shapes) == {"cuda", "cpu"} and all(full and quick for full, quick in op.shapes.values())
-        assert op.modes in (LAYER_MODES, STEP_MODES) and set(op.bytes_per_element) == set(op.modes)
+        assert op.modes in (LAYER_MODES, LOSS_MODES, STEP_MODES) and set(op.bytes_per_element) == set(op.modes)
         assert all(bytes_per_element > 0 for bytes_per_element in op.bytes_per_element.values())
         if op.modes == LAYER_MODES:
             # a training forward may write more than an inference one (what backward reads)
             assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]
+        if op.modes == LOSS_MODES:
+            assert op.bytes_per_element["fwd+bwd"] > op.bytes_per_element["fwd"]
+    # cross-entropy: 2E per logit and the int64 targets; the linear form reads input and weight,
+    # writes their gradients, never the logits
+    assert OPS["cross_entropy"].min_bytes("fwd+bwd", 64 * 10, torch.float32, (64, 10)) == 2 * 640 * 4 + 64 * 8
+    assert OPS["linear_cross_entropy"].min_bytes("fwd+bwd", 0, torch.bfloat16, (64, 8, 100)) == \
+        2 * (64 + 100) * 8 * 2 + 64 * 8
     # the optimizer steps: 28 B/param for AdamW and 20 for SGD + momentum in float32
     assert OPS["adamw"].min_bytes("step", 1, torch.float32) == 28
     assert OPS["sgd_momentum"].min_bytes("step", 1, torch.float32) == 20
@@ -104,3 +111,21 @@ def test_launch_counter_sees_triton_launches_and_torch_kernels_not_views():
         torch.empty(3)
         x.add(1)
     assert counter.torch_ops == ["aten.add.Tensor"]
+
+
+def test_bench_cli_times_losses_and_measures_memory(tmp_path, capsys):
+    """Losses run fwd and fwd+bwd (with an incoming gradient of 1); the linear form's table has
+    peak memory with fastreg's checked against its bound."""
+    assert main(["linear_cross_entropy", "cross_entropy_smooth", "--device", "cpu", "--quick", "--min-time", "0.01",
+                 "--rounds", "1", "--out", str(tmp_path), "--default-malloc"]) == 0
+    report = json.loads((tmp_path / "linear_cross_entropy-cross_entropy_smooth-quick.json").read_text())
+    rows = report["results"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    linear = [r for r in rows if r["op"] == "linear_cross_entropy"]
+    assert {"fastreg-cpu", "torch", "torch.compile"} <= {r["provider"] for r in linear}
+    for row in linear:
+        if row["error"] is None:
+            assert row["peak_mib"] is not None and row["extra_mib"] <= row["peak_mib"]
+    out = capsys.readouterr().out
+    assert "| linear_cross_entropy | fwd+bwd | 1024x256x8192 | float32 | fastreg-cpu |" in out
+    assert "within 8 |" in out  # 1/4 of the 1024 x 8192 float32 logits, MiB

@@ -26,26 +26,6 @@
 namespace fastreg {
 namespace {
 
-// exp(x) in float without a libm call, in a form GCC vectorizes (with -fno-trapping-math,
-// for the clamps): Cephes' expf, about 1 ulp. Inputs are clamped to where 2^n is a normal float.
-__attribute__((always_inline)) inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
-
 template <typename acc_t>
 __attribute__((always_inline)) inline acc_t exp_minus(acc_t z) {
   if constexpr (std::is_same_v<acc_t, float>) {

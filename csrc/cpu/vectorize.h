@@ -81,11 +81,42 @@ __attribute__((always_inline)) inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// The lanes of a vector summed in a fixed order.
+// exp(x) in float without a libm call, for a float or a vector of floats, in a form GCC
+// vectorizes (with -fno-trapping-math, for the clamps): Cephes' expf, about 1 ulp, with
+// x < -87 (results below the smallest normal float, and -inf) flushed to 0.
+template <typename V>
+__attribute__((always_inline)) inline V exp_approx(V x) {
+  constexpr bool scalar = std::is_arithmetic_v<V>;
+  const V lowest = V{} - 87.0f, highest = V{} + 88.0f;
+  const auto underflow = x < lowest;
+  V clamped = underflow ? lowest : x;
+  clamped = clamped > highest ? highest : clamped;
+  const V n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V e = p * r * r + r + 1.0f;
+  V scale;  // 2^n
+  if constexpr (scalar) {
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  } else {
+    using Bits = Vec<int32_t, sizeof(V)>;
+    const Bits bits = (__builtin_convertvector(n, Bits) + 127) << 23;
+    std::memcpy(&scale, &bits, sizeof(scale));
+  }
+  return underflow ? V{} : e * scale;
+}
+
+// The lanes of a vector (of any width) summed in a fixed order.
 template <typename V, typename T = LaneOf<V>>
 __attribute__((always_inline)) inline T sum_lanes(V v) {
   T total = 0;
-  for (int64_t k = 0; k < kWidth<T>; ++k) total += v[k];
+  for (int64_t k = 0; k < static_cast<int64_t>(sizeof(V) / sizeof(T)); ++k) total += v[k];
   return total;
 }
 

@@ -4,9 +4,12 @@ Adding an op is adding one `BenchOp` to `OPS`. Its byte model gives, per mode, t
 per element of the main input a kernel must move at the least (E = element size), the
 figure behind the GB/s column; see the table in the engineering guide.
 
-Layer ops run the modes fwd, bwd and fwd+bwd. Optimizer ops run one mode, `step`: their
-"main input" is the parameter set, shape (tensors, elements per tensor), and their
-functions build an optimizer over it (see `make_callable`).
+Layer ops run the modes fwd, bwd and fwd+bwd. Losses run fwd and fwd+bwd, with an incoming
+gradient of 1, what loss.backward() passes (fastreg's make their gradient in the forward;
+a backward repeated over a retained graph, the bwd mode, would time a copy no training
+step makes). Optimizer ops run one mode, `step`: their "main input" is the parameter set, shape
+(tensors, elements per tensor), and their functions build an optimizer over it (see
+`make_callable`).
 """
 
 import math
@@ -24,6 +27,7 @@ Fn = Callable[[], object]
 Shape = tuple[int, ...]
 
 LAYER_MODES = ("fwd", "bwd", "fwd+bwd")
+LOSS_MODES = ("fwd", "fwd+bwd")
 STEP_MODES = ("step",)
 
 
@@ -43,13 +47,27 @@ class BenchOp:
     modes: tuple[str, ...] = LAYER_MODES
     # more eager torch providers than `torch_fn`: name -> function (e.g. torch-fused)
     torch_variants: dict[str, Callable[..., object]] = field(default_factory=dict)
+    unit_grad: bool = False  # backward from an incoming gradient of ones (a loss's), not random
+    # elements of the main input the byte model and the copy bandwidth count (default: all)
+    numel_of: Callable[[Shape], int] | None = None
+    # minimum bytes of a mode for a shape and dtype, where bytes_per_element * numel * E is
+    # not the whole model (default: that product)
+    byte_model: Callable[[str, Shape, torch.dtype], float] | None = None
+    measure_memory: bool = False  # also record each provider's peak memory above its inputs
+    # bytes fastreg may hold above inputs and outputs (checked where memory is measured)
+    memory_bound: Callable[[Shape, torch.dtype], float] | None = None
 
     def inputs(self, shape: Shape, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
         if self.make_inputs is None:
             return (torch.randn(shape, device=device).to(dtype),)
         return self.make_inputs(shape, dtype, device)
 
-    def min_bytes(self, mode: str, numel: int, dtype: torch.dtype) -> float:
+    def numel(self, shape: Shape) -> int:
+        return self.numel_of(shape) if self.numel_of is not None else math.prod(shape)
+
+    def min_bytes(self, mode: str, numel: int, dtype: torch.dtype, shape: Shape | None = None) -> float:
+        if self.byte_model is not None and shape is not None:
+            return self.byte_model(mode, shape, dtype)
         return self.bytes_per_element[mode] * numel * dtype.itemsize
 
 
@@ -73,7 +91,7 @@ def make_callable(op: BenchOp, fn, mode: str, shape: Shape, dtype: torch.dtype, 
     for index, t in enumerate(inputs):
         t.requires_grad_(t.is_floating_point() and (op.differentiable is None or index < op.differentiable))
     differentiable = [t for t in inputs if t.requires_grad]
-    grad = torch.randn_like(fn(*inputs))
+    grad = (torch.ones_like if op.unit_grad else torch.randn_like)(fn(*inputs))
     if mode == "bwd":
         y = fn(*inputs)
         return lambda: torch.autograd.grad(y, differentiable, grad, retain_graph=True)
@@ -262,6 +280,79 @@ def _drop_block_ops():
     return ops
 
 
+# Cross-entropy of (rows, classes) logits against class indices, a quarter of them ignored.
+# fwd reads the logits once; fwd+bwd also writes their gradient once (fastreg makes it in
+# the forward's pass; backward hands it on), plus the int64 targets: 2E per logit.
+LABEL_SMOOTHING = 0.1
+CROSS_ENTROPY_BYTES = {"fwd": 1, "fwd+bwd": 2}
+CROSS_ENTROPY_SHAPES = {"cuda": ([(8192, 32768), (4096, 131072), (1024, 262144)], [(8192, 32768)]),
+                        "cpu": ([(4096, 8192), (256, 131072)], [(4096, 8192)])}
+
+
+def _cross_entropy_inputs(shape, dtype, device):
+    rows, classes = shape
+    target = torch.randint(0, classes, (rows,), device=device)
+    target[torch.rand(rows, device=device) < 0.25] = -100
+    return torch.randn(shape, device=device).to(dtype), target
+
+
+def _cross_entropy_bytes(mode, shape, dtype):
+    return CROSS_ENTROPY_BYTES[mode] * math.prod(shape) * dtype.itemsize + 8 * shape[0]
+
+
+def _cross_entropy_ops():
+    ops = []
+    for suffix, smoothing in (("", 0.0), ("_smooth", LABEL_SMOOTHING)):
+        ops.append(BenchOp(
+            name="cross_entropy" + suffix,
+            bytes_per_element=CROSS_ENTROPY_BYTES,
+            byte_model=_cross_entropy_bytes,
+            shapes=CROSS_ENTROPY_SHAPES,
+            make_inputs=_cross_entropy_inputs,
+            differentiable=1,
+            modes=LOSS_MODES,
+            unit_grad=True,
+            fastreg_fn=lambda x, t, s=smoothing: fastreg.functional.cross_entropy(x, t, label_smoothing=s),
+            torch_fn=lambda x, t, s=smoothing: torch_F.cross_entropy(x, t, label_smoothing=s),
+        ))
+    return ops
+
+
+# The output layer and its loss: input (tokens, hidden), weight (classes, hidden), shape
+# (tokens, hidden, classes). Matmul-bound; the byte model is what any implementation moves at
+# the least (read input and weight, write their gradients; the targets): it never holds the
+# (tokens, classes) logits. Peak memory is measured too: fastreg's must stay under 1/4 of
+# the logits it avoids (4096 x 32768 float32: 512 MiB).
+LINEAR_CROSS_ENTROPY_SHAPES = {"cuda": ([(8192, 4096, 131072), (16384, 2048, 32768)], [(8192, 4096, 131072)]),
+                               "cpu": ([(4096, 1024, 32768)], [(1024, 256, 8192)])}
+
+
+def _linear_cross_entropy_inputs(shape, dtype, device):
+    tokens, hidden, classes = shape
+    target = torch.randint(0, classes, (tokens,), device=device)
+    target[torch.rand(tokens, device=device) < 0.25] = -100
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    weight = (torch.randn(classes, hidden, device=device) / math.sqrt(hidden)).to(dtype)
+    return x, weight, target
+
+
+def _linear_cross_entropy_bytes(mode, shape, dtype):
+    tokens, hidden, classes = shape
+    operands = (tokens + classes) * hidden * dtype.itemsize
+    return (operands if mode == "fwd" else 2 * operands) + 8 * tokens
+
+
+def _linear_cross_entropy_unfused(x, w, t):
+    return torch_F.cross_entropy(torch_F.linear(x, w), t)
+
+
+def _torch_linear_cross_entropy_variants():
+    if not hasattr(torch_F, "linear_cross_entropy"):  # torch 2.13 and later
+        return {}
+    options = torch.nn.LinearCrossEntropyOptions()  # the chunked path (None: the unfused reference)
+    return {"torch-native-chunked": lambda x, w, t: torch_F.linear_cross_entropy(x, w, t, options=options)}
+
+
 OPS = {
     op.name: op
     for op in [
@@ -376,9 +467,26 @@ OPS = {
             torch_fn=lambda x: torch_F.alpha_dropout(x, ALPHA_P, training=True),
         ),
         *_drop_block_ops(),
+        *_cross_entropy_ops(),
+        BenchOp(
+            name="linear_cross_entropy",
+            bytes_per_element={"fwd": 1, "fwd+bwd": 2},  # per input element; the model is byte_model
+            byte_model=_linear_cross_entropy_bytes,
+            numel_of=lambda shape: shape[0] * shape[1],
+            shapes=LINEAR_CROSS_ENTROPY_SHAPES,
+            make_inputs=_linear_cross_entropy_inputs,
+            differentiable=2,
+            modes=LOSS_MODES,
+            unit_grad=True,
+            measure_memory=True,
+            memory_bound=lambda shape, dtype: shape[0] * shape[2] * dtype.itemsize / 4,  # 1/4 of the logits
+            fastreg_fn=lambda x, w, t: fastreg.functional.linear_cross_entropy(x, w, t),
+            torch_fn=_linear_cross_entropy_unfused,
+            torch_variants=_torch_linear_cross_entropy_variants(),
+        ),
     ]
 }
-# `python -m fastreg.bench optim`: the optimizer steps
-OP_GROUPS = {"optim": ["adamw", "sgd_momentum"]}
+# `python -m fastreg.bench optim`: the optimizer steps; `cross_entropy`: with and without label smoothing
+OP_GROUPS = {"optim": ["adamw", "sgd_momentum"], "cross_entropy": ["cross_entropy", "cross_entropy_smooth"]}
 # `python -m fastreg.bench noise`: the noise ops and DropBlock
 OP_GROUPS["noise"] = ["gaussian_dropout", "gaussian_noise", "alpha_dropout", "drop_block2d", "drop_block2d_channels_last"]

@@ -46,6 +46,8 @@ class Row:
     gbps: float | None = None
     copy_share: float | None = None  # of the copy bandwidth measured in this run
     vs_eager: float | None = None  # torch eager time / this time
+    peak_mib: float | None = None  # peak memory above the inputs during one call (ops that measure it)
+    extra_mib: float | None = None  # the same above inputs and outputs (what the call holds besides its results)
 
 
 def time_fn(fn, device: str, min_time: float) -> Timing:
@@ -87,6 +89,34 @@ def keep_heap() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def peak_memory(fn, device: str) -> tuple[float, float]:
+    """(peak bytes allocated above what was allocated before, that peak less what the call
+    still holds when it returns: its outputs) of one call of fn. CUDA: the caching
+    allocator's statistics; CPU: the allocations and frees the profiler records, replayed
+    in order (memory torch's allocator hands out; a BLAS library's own scratch is not seen)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak, end = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+        del out
+        return peak, peak - end
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak, peak - level
+
+
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: str, min_time: float) -> float:
     """GB/s of dst.copy_(src): reads and writes numel elements."""
     src = torch.randn(numel, device=device).to(dtype)
@@ -103,7 +133,7 @@ def providers(op, device: str, backends: list[str] | None, compile: bool = True)
             b for b in fastreg.available_backends()
             if fastreg.backend_supports(b, device) and b != "torch" and not (b == "triton" and device == "cpu")
         ]
-    compiled = ["torch.compile"] if op.modes == LAYER_MODES and compile else []
+    compiled = ["torch.compile"] if op.modes != STEP_MODES and compile else []
     return [f"fastreg-{b}" for b in backends] + ["torch", *op.torch_variants] + compiled
 
 
@@ -161,7 +191,7 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_
     copy_gbps, rows, compiled = {}, [], {}
     total, done = sum(len(case[-1]) for case in cases), 0
     for op, mode, shape, dtype, case_providers in cases:
-        numel = math.prod(shape)
+        numel = op.numel(shape)
         if (numel, dtype) not in copy_gbps:
             copy_gbps[(numel, dtype)] = copy_bandwidth(numel, dtype, device, min_time)
         timed = []  # (row, callable, block times)
@@ -170,7 +200,7 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_
             if key not in compiled:
                 compiled[key] = _provider_fn(op, provider)
             row = Row(op.name, mode, list(shape), numel, str(dtype).removeprefix("torch."), provider,
-                      op.min_bytes(mode, numel, dtype), None)
+                      op.min_bytes(mode, numel, dtype, shape), None)
             try:
                 fn = make_callable(op, compiled[key], mode, shape, dtype, device)
                 fn()  # warm up (compiles)
@@ -186,7 +216,10 @@ def run(ops, device, dtypes, quick, backends=None, shapes=None, modes=None, min_
                     times.extend(time_fn(fn, device, min_time / rounds).raw_ms)
                 except Exception as error:
                     row.error = _error_text(error)
-        for row, _, times in timed:
+        for row, fn, times in timed:
+            if op.measure_memory and not row.error:
+                peak, extra = peak_memory(fn, device)
+                row.peak_mib, row.extra_mib = peak / 2**20, extra / 2**20
             if not row.error:
                 row.timing = cpu_timing(times) if device == "cpu" else _gpu_timing(times)
                 row.gbps = row.min_bytes / row.timing.median_ms / 1e6
@@ -278,7 +311,33 @@ def markdown(rows, copy_gbps, env) -> str:
     lines.append("")
     lines.append("Copy bandwidth in this run: " + ", ".join(
         f"{numel:,} {str(dtype).removeprefix('torch.')}: {gbps:.1f} GB/s" for (numel, dtype), gbps in copy_gbps.items()))
+    lines += memory_table(rows)
     return "\n".join(lines) + "\n"
+
+
+def memory_bound_met(row) -> bool | None:
+    """Whether a fastreg row stays within its op's memory bound (None: no bound applies)."""
+    op = OPS.get(row.op)
+    if op is None or op.memory_bound is None or row.extra_mib is None or not row.provider.startswith("fastreg"):
+        return None
+    dtype = getattr(torch, row.dtype)
+    return row.extra_mib * 2**20 <= op.memory_bound(tuple(row.shape), dtype)
+
+
+def memory_table(rows) -> list[str]:
+    measured = [r for r in rows if r.peak_mib is not None]
+    if not measured:
+        return []
+    lines = ["", "Peak memory of one call, MiB (torch's allocator; CPU: replayed from the profiler's records):", "",
+             "| op | mode | shape | dtype | provider | above inputs | above inputs and outputs | bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in measured:
+        met = memory_bound_met(r)
+        bound = "" if met is None else (
+            f"{'within' if met else 'EXCEEDS'} {OPS[r.op].memory_bound(tuple(r.shape), getattr(torch, r.dtype)) / 2**20:.0f}")
+        lines.append(f"| {r.op} | {r.mode} | {format_shape(r.shape)} | {r.dtype} | {r.provider} | {r.peak_mib:.1f} | "
+                     f"{r.extra_mib:.1f} | {bound} |")
+    return lines
 
 
 def plot(rows, copy_gbps, env, path):
@@ -296,8 +355,9 @@ def plot(rows, copy_gbps, env, path):
         values = [getattr(by_key.get((*case, provider)), "gbps", None) or 0 for case in cases]
         ax.bar([i + k * width for i in range(len(cases))], values, width, label=provider)
     copies = {(n, str(d).removeprefix("torch.")): g for (n, d), g in copy_gbps.items()}
+    numels = {(r.op, r.mode, tuple(r.shape), r.dtype): r.numel for r in rows}
     for i, case in enumerate(cases):
-        ax.hlines(copies[(math.prod(case[2]), case[3])], i - width / 2, i + 0.8 - width / 2, colors="black",
+        ax.hlines(copies[(numels[case], case[3])], i - width / 2, i + 0.8 - width / 2, colors="black",
                   label="copy" if i == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{op} {mode}\n{format_shape(shape)} {dtype}" for op, mode, shape, dtype in cases],

@@ -5,6 +5,7 @@ from fastreg.nn.drop_block import DropBlock2d, DropBlock3d
 from fastreg.nn.dropout import DropPath, Dropout, Dropout1d, Dropout2d, Dropout3d
 from fastreg.nn.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from fastreg.nn.noise import AlphaDropout, FeatureAlphaDropout, GaussianDropout, GaussianNoise
+from fastreg.nn.loss import CrossEntropyLoss
 from fastreg.nn.normalization import (DropoutAddLayerNorm, DropoutAddRMSNorm, GroupNorm, GroupNormSiLU, LayerNorm,
                                       RMSNorm)
 
@@ -14,4 +15,11 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
     "GroupNorm", "GroupNormSiLU", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "GaussianDropout", "GaussianNoise", "AlphaDropout", "FeatureAlphaDropout", "DropBlock2d", "DropBlock3d",
+    "CrossEntropyLoss",
 ]
+try:  # torch 2.13 and later
+    from fastreg.nn.loss import LinearCrossEntropyLoss  # noqa: F401
+
+    __all__.append("LinearCrossEntropyLoss")
+except ImportError:
+    pass
