@@ -13,15 +13,17 @@ Forward: one program per row. A row of up to MAX_ROW_BYTES of input is held on c
 read once; a longer row is walked in blocks, three passes (sum, squared deviations,
 normalize).
 
-Backward: each program takes a range of rows and keeps float32 (float64) sums of dy * xhat
-and dy for dweight and dbias over them in registers, one value per column: per-program
-partials reduced in a second, fixed-order step (deterministic, no atomics). Per row, two
-phases: the row sums that dx needs (sum g * xhat, sum g), then dx; the second phase reads
-the row again (from L1/L2, where the first left it) instead of holding x and dy across the
-reductions, so the registers go to the dweight/dbias sums. Rows of more than 8192 columns
-take their columns in two halves, each with its own sums (`_bwd_plan`). A row too long
-for its column sums to stay on chip is walked in blocks (two passes per row for dx), and
-a second kernel sums dweight/dbias over column blocks.
+Backward: two launches. The row kernel: each program takes a range of rows and keeps
+float32 (float64) sums of dy * xhat and dy for dweight and dbias over them in registers,
+one value per column, stored as that program's partial row. Per row, two phases: the row
+sums that dx needs (sum g * xhat, sum g), then dx; the second phase reads the row again
+(from L1/L2, where the first left it) instead of holding x and dy across the reductions,
+so the registers go to the dweight/dbias sums. Rows of more than 8192 columns take their
+columns in two halves, each with its own sums (`_bwd_plan`). A row too long for its column
+sums to stay on chip is walked in blocks (two passes per row for dx), and the same launch
+has further programs, one per (range of rows, column block), that write the partials.
+Then `_norm_param_grads_kernel` sums the partial rows in a fixed order (deterministic, no
+atomics) into dweight and dbias in the weight's dtype.
 """
 
 import contextlib
@@ -40,7 +42,10 @@ MAX_ROW_BYTES = 65536  # forward: a row of up to this many input bytes is held o
 MAX_BWD_ROW_BYTES = 16384
 MAX_BWD_TWO_PART_BYTES = 32768
 LOOPED_BLOCK_N = 4096  # columns per block of the looped paths
-WEIGHT_BLOCK_N = 1024  # columns per program of _norm_bwd_weight_kernel
+# _norm_param_grads_kernel: partial rows per step x columns per program (fp32 partials:
+# rows of 256 bytes, each thread 16 bytes per access)
+PARAM_GRADS_BLOCK_ROWS = 32
+PARAM_GRADS_BLOCK_N = 64
 # Backward grid: about this many resident warps per SM (programs per SM = this //
 # num_warps), each program taking at least MIN_ROWS_PER_PROGRAM rows (its dweight/dbias
 # partial row, N values, is written once per program). A GPU run decides both.
@@ -275,11 +280,12 @@ def _norm_bwd_kernel(
     DX,  # (M, N) out, X's dtype
     DX_DROPOUT,  # (M, N) out: dropout(dx) with forward's mask, X's dtype; any pointer unless HAS_DROPOUT
     SEED,  # (1,) int64 dropout seed; any pointer unless HAS_DROPOUT
-    DW_PARTIAL,  # (programs, N) out: this program's column sums of dy * xhat, ACC (if HAS_W and ROW_PARTS)
-    DB_PARTIAL,  # (programs, N) out: this program's column sums of dy, ACC (if HAS_B and ROW_PARTS)
+    DW_PARTIAL,  # (dx_programs, N) out: column sums of dy * xhat over a program's rows, ACC (if HAS_W)
+    DB_PARTIAL,  # (dx_programs, N) out: column sums of dy over a program's rows, ACC (if HAS_B)
     M,  # int: rows
     N,  # int: columns
     rows_per_program,  # int
+    dx_programs,  # int: programs [0, dx_programs) take rows for dx; looped path: the rest take (rows, column block) for dw, db
     threshold,  # int: a Philox word below it drops its element (round(p * 2^32))
     scale_bits,  # int64: the bits of the float64 1 / (1 - p)
     IS_RMS: tl.constexpr,
@@ -291,7 +297,9 @@ def _norm_bwd_kernel(
     ROW_ALIGNED: tl.constexpr,  # N % 4 == 0: one Philox call per 4 dropout positions
     BLOCK_N: tl.constexpr,  # columns per part (ROW_PARTS * BLOCK_N >= N), or per block when looped
 ):
-    """dx of rows [pid * rows_per_program, ...), and this program's partial dw, db."""
+    """dx of rows [pid * rows_per_program, ...), and their partial dw, db: summed by
+    this program where the row is on chip; looped, by the programs past dx_programs, one
+    per (rows, column block)."""
     ACC: tl.constexpr = RSTD.dtype.element_ty
     seed = 0
     if HAS_DROPOUT:
@@ -335,9 +343,16 @@ def _norm_bwd_kernel(
             tl.store(DB_PARTIAL + pid * N + cols, db, mask=cols < N)
             if ROW_PARTS == 2:
                 tl.store(DB_PARTIAL + pid * N + cols_hi, db_hi, mask=cols_hi < N)
+    elif pid >= dx_programs:
+        # looped path: dw, db of one column block over one program's rows (one launch
+        # with dx, in programs of their own)
+        part = pid - dx_programs
+        col_blocks = tl.cdiv(N, BLOCK_N)
+        _weight_partials(DY, X, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, part // col_blocks,
+                         (part % col_blocks) * BLOCK_N + cols, M, N, rows_per_program, ACC, IS_RMS, HAS_W, HAS_B,
+                         BLOCK_N)
     else:
-        # rows longer than the chip holds: two passes per row over blocks of columns for
-        # dx; dw and db come from _norm_bwd_weight_kernel
+        # rows longer than the chip holds: two passes per row over blocks of columns for dx
         for row in range(first_row, last_row):
             mean = 0.0
             if not IS_RMS:
@@ -363,28 +378,14 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
-def _norm_bwd_weight_kernel(
-    DY,  # (M, N) rows contiguous, y's dtype
-    X,  # (M, N) rows contiguous: the norm input, its dtype
-    MEAN,  # (M,) ACC; any pointer if IS_RMS
-    RSTD,  # (M,) ACC
-    DW_PARTIAL,  # (programs, N) out: column sums of dy * xhat over this program's rows, ACC (if HAS_W)
-    DB_PARTIAL,  # (programs, N) out: column sums of dy, ACC (if HAS_B)
-    M,  # int: rows
-    N,  # int: columns
-    rows_per_program,  # int
-    IS_RMS: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # columns per program
-):
-    """Program (pid, column block): partial dw, db of the block's columns over rows
-    [pid * rows_per_program, ...) (the looped path)."""
-    ACC: tl.constexpr = RSTD.dtype.element_ty
-    pid, col_block = tl.program_id(0), tl.program_id(1)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+def _weight_partials(DY, X, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, program, cols, M, N, rows_per_program,
+                     ACC: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """The looped path's partial dw, db of columns `cols` (BLOCK_N,) over the rows
+    [program * rows_per_program, ...), stored in row `program` of the partials."""
     mask = cols < N
-    first_row = pid.to(tl.int64) * rows_per_program
+    program = program.to(tl.int64)
+    first_row = program * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, M)
     dw = tl.zeros((BLOCK_N,), ACC)
     db = tl.zeros((BLOCK_N,), ACC)
@@ -398,9 +399,42 @@ def _norm_bwd_weight_kernel(
             dw += dy * (x - mean) * tl.load(RSTD + row)
         db += dy
     if HAS_W:
-        tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+        tl.store(DW_PARTIAL + program * N + cols, dw, mask=mask)
     if HAS_B:
-        tl.store(DB_PARTIAL + pid * N + cols, db, mask=mask)
+        tl.store(DB_PARTIAL + program * N + cols, db, mask=mask)
+
+
+@triton.jit
+def _norm_param_grads_kernel(
+    DW_PARTIAL,  # (programs, N) per-program column sums of dy * xhat, ACC (float32; float64 for float64 x)
+    DB_PARTIAL,  # (programs, N) per-program column sums of dy, ACC
+    DW,  # (N,) out: dweight, weight.dtype; any pointer unless HAS_W
+    DB,  # (N,) out: dbias, weight.dtype; any pointer unless HAS_B
+    programs,  # int: rows of the partials
+    N,  # int: columns
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # partial rows per step
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    """Program `pid`: dweight and dbias of columns [pid * BLOCK_N, ...): the partials'
+    column sums in a fixed order (deterministic), cast to the output dtype."""
+    ACC: tl.constexpr = DW_PARTIAL.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dw = tl.zeros((BLOCK_ROWS, BLOCK_N), ACC)
+    db = tl.zeros((BLOCK_ROWS, BLOCK_N), ACC)
+    for first in range(0, programs, BLOCK_ROWS):
+        rows = first + tl.arange(0, BLOCK_ROWS)
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        mask = (rows < programs)[:, None] & (cols < N)[None, :]
+        if HAS_W:
+            dw += tl.load(DW_PARTIAL + offsets, mask=mask, other=0.0)
+        if HAS_B:
+            db += tl.load(DB_PARTIAL + offsets, mask=mask, other=0.0)
+    if HAS_W:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=cols < N)
+    if HAS_B:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=cols < N)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -531,23 +565,26 @@ def norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh=None, seed=None, p=
     programs = _bwd_programs(M, num_warps, x.device)
     rows_per_program = triton.cdiv(M, programs)
     programs = triton.cdiv(M, rows_per_program)
-    dw_partial = torch.empty((programs, N), dtype=rstd.dtype, device=x.device)
-    db_partial = torch.empty((programs, N), dtype=rstd.dtype, device=x.device)
+    params = weight is not None or has_bias
+    dw_partial = torch.empty((programs, N) if weight is not None else (0,), dtype=rstd.dtype, device=x.device)
+    db_partial = torch.empty((programs, N) if has_bias else (0,), dtype=rstd.dtype, device=x.device)
+    dw = torch.empty(N if weight is not None else 0, dtype=w_dtype, device=x.device)
+    db = torch.empty(N if has_bias else 0, dtype=w_dtype, device=x.device)
+    # looped rows: dw, db partials by programs of their own, one per (rows, column block)
+    weight_programs = programs * triton.cdiv(N, block_n) if row_parts == 0 and params else 0
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=has_bias)
     with _launch_device(x):
-        _norm_bwd_kernel[(programs,)](
+        _norm_bwd_kernel[(programs + weight_programs,)](
             dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
             dh.contiguous() if dh is not None else dy, dx, dx_dropout, seed if seed is not None else rstd,
-            dw_partial, db_partial, M, N, rows_per_program, _drop_threshold(p), _float64_bits(_keep_scale(p)),
-            HAS_DH=dh is not None, HAS_DROPOUT=seed is not None, ROW_PARTS=row_parts, ROW_ALIGNED=N % 4 == 0,
-            BLOCK_N=block_n, num_warps=num_warps, **flags,
+            dw_partial, db_partial, M, N, rows_per_program, programs, _drop_threshold(p),
+            _float64_bits(_keep_scale(p)), HAS_DH=dh is not None, HAS_DROPOUT=seed is not None, ROW_PARTS=row_parts,
+            ROW_ALIGNED=N % 4 == 0, BLOCK_N=block_n, num_warps=num_warps, **flags,
         )
-        if row_parts == 0 and (weight is not None or has_bias):
-            _norm_bwd_weight_kernel[(programs, triton.cdiv(N, WEIGHT_BLOCK_N))](
-                dy, x, mean if not is_rms else rstd, rstd, dw_partial, db_partial, M, N, rows_per_program,
-                BLOCK_N=WEIGHT_BLOCK_N, num_warps=4, **flags,
+        if params:  # the partials summed over programs in a fixed order: deterministic
+            _norm_param_grads_kernel[(triton.cdiv(N, PARAM_GRADS_BLOCK_N),)](
+                dw_partial, db_partial, dw if weight is not None else dx, db if has_bias else dx, programs, N,
+                HAS_W=weight is not None, HAS_B=has_bias, BLOCK_ROWS=PARAM_GRADS_BLOCK_ROWS,
+                BLOCK_N=PARAM_GRADS_BLOCK_N, num_warps=4,
             )
-    # second reduction, over programs in a fixed order: deterministic
-    dw = dw_partial.sum(0).to(w_dtype) if weight is not None else dw_partial.new_empty(0, dtype=w_dtype)
-    db = db_partial.sum(0).to(w_dtype) if has_bias else db_partial.new_empty(0, dtype=w_dtype)
     return dx, dw, db, dx_dropout
