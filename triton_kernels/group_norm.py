@@ -31,13 +31,18 @@ two kernels over the grid (unit, split):
   kernel merges a group's SPLITS partials (`_merged_moments`: count-weighted, shifted by
   split 0's mean), stores MEAN / RSTD from split 0, and writes y over its split.
 - backward: the grad-sums kernel writes per-channel sums of g and g * (x - mean) over its
-  split to (N, SPLITS, C); the dx kernel sums a channel's SPLITS partials, stores SUM_G /
-  SUM_GXHAT from split 0, and writes dx over its split.
+  split to (N, SPLITS, C); the dx kernel sums a channel's SPLITS partials and writes dx
+  over its split, and its programs past the units sum all the partials into dweight and
+  dbias (`_param_grads`).
 Partials are merged SPLIT_BLOCK at a time (loads in parallel), summed in a fixed order.
-Unsplit, one kernel does each direction. Every sum runs in a fixed order: deterministic,
-no atomics. Statistics are float32 (float64 for float64 inputs), in two passes (the mean
-of values shifted by the group's first value, then squared deviations from the mean): a
-large mean costs no precision. Counts (D * S values per group) are 64-bit.
+Unsplit, one kernel does the forward; the backward kernel writes per-sample channel sums
+(N, 1, C) and `_gn_param_grads_kernel` sums them into dweight and dbias. So each direction
+is at most two launches; statistics are written by the kernels (no zero-filled buffers) and
+the parameters are read, and their gradients written, in their own dtypes (no casts).
+Every sum runs in a fixed order: deterministic, no atomics. Statistics are float32 (float64
+for float64 inputs), in two passes (the mean of values shifted by the group's first value,
+then squared deviations from the mean): a large mean costs no precision. Counts (D * S
+values per group) are 64-bit.
 
 All kernels of a direction share argument names, so the launchers pass every kernel of
 the table `_KERNELS` its arguments by name from one dict.
@@ -86,9 +91,9 @@ def _affine_params(W, B, c, cmask, ACC: tl.constexpr, BLOCK: tl.constexpr,
     w = tl.full((BLOCK,), 1.0, ACC)
     b = tl.zeros((BLOCK,), ACC)
     if HAS_WEIGHT:
-        w = tl.load(W + c, mask=cmask, other=0.0)
+        w = tl.load(W + c, mask=cmask, other=0.0).to(ACC)
     if HAS_BIAS:
-        b = tl.load(B + c, mask=cmask, other=0.0)
+        b = tl.load(B + c, mask=cmask, other=0.0).to(ACC)
     return w, b
 
 
@@ -255,15 +260,11 @@ def _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, 
 
 
 @triton.jit
-def _group_dx_coefs(W, SUM_G, SUM_GXHAT, n, c, cmask, C, rstd, sum_g, sum_gx, split, sum_wg, sum_wgxhat,
+def _group_dx_coefs(W, c, cmask, rstd, sum_g, sum_gx, sum_wg, sum_wgxhat,
                     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A channel block's share of the group's A, B (added to sum_wg, sum_wgxhat), its
-    sums stored at SUM_G, SUM_GXHAT [n, c] by split 0."""
+    """A channel block's share of the group's A, B, added to sum_wg, sum_wgxhat."""
     w, _ = _affine_params(W, W, c, cmask, ACC, BLOCK_D, HAS_WEIGHT, False)
-    sum_gxhat = sum_gx * rstd
-    tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=cmask & (split == 0))
-    tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=cmask & (split == 0))
-    return sum_wg + w * sum_g, sum_wgxhat + w * sum_gxhat
+    return sum_wg + w * sum_g, sum_wgxhat + w * (sum_gx * rstd)
 
 
 # ------------------------------------------------------------------ "group": the kernels
@@ -273,8 +274,8 @@ def _group_dx_coefs(W, SUM_G, SUM_GXHAT, n, c, cmask, C, rstd, sum_g, sum_gx, sp
 def _gn_fwd_kernel(
     X,  # (N, C, S) strides (stride_n, stride_c, stride_s), x.dtype
     Y,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) out, ACC
     RSTD,  # (N, G) out, ACC
     S,  # int: positions per sample
@@ -329,8 +330,8 @@ def _gn_stats_kernel(
 def _gn_apply_kernel(
     X,  # (N, C, S) strides (stride_n, stride_c, stride_s), x.dtype
     Y,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) out (written by split 0), ACC
     RSTD,  # (N, G) out (written by split 0), ACC
     PART_MEAN,  # (N * G * SPLITS,) per-split means from _gn_stats_kernel, ACC
@@ -369,12 +370,12 @@ def _gn_bwd_kernel(
     X,  # (N, C, S) strides (stride_n, stride_c, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
     DX,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
-    SUM_G,  # (N, C) out: per-channel sums of g (dbias partials), ACC
-    SUM_GXHAT,  # (N, C) out: per-channel sums of g * xhat (dweight partials), ACC
+    PART_G,  # (N, 1, C) out: per-channel sums of g (dbias partials), ACC
+    PART_GX,  # (N, 1, C) out: per-channel sums of g * (x - mean) (dweight partials, times rstd), ACC
     C,  # int: channels
     S,  # int: positions per sample
     D,  # int: channels per group
@@ -402,8 +403,10 @@ def _gn_bwd_kernel(
         _, sum_g, sum_gx = _group_grad_sums(X, DY, W, B, n, c_first, c_end, mean, rstd, S, 0, tiles,
                                             stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU,
                                             BLOCK_D, BLOCK_S)
-        sum_wg, sum_wgxhat = _group_dx_coefs(W, SUM_G, SUM_GXHAT, n, c, c < c_end, C, rstd, sum_g, sum_gx, 0,
-                                             sum_wg, sum_wgxhat, ACC, HAS_WEIGHT, BLOCK_D)
+        tl.store(PART_G + n.to(tl.int64) * C + c, sum_g, mask=c < c_end)
+        tl.store(PART_GX + n.to(tl.int64) * C + c, sum_gx, mask=c < c_end)
+        sum_wg, sum_wgxhat = _group_dx_coefs(W, c, c < c_end, rstd, sum_g, sum_gx, sum_wg, sum_wgxhat, ACC,
+                                             HAS_WEIGHT, BLOCK_D)
     k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
     k_one = -rstd * tl.sum(sum_wg, axis=0) / count
     _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, 0, tiles,
@@ -414,8 +417,8 @@ def _gn_bwd_kernel(
 def _gn_grad_sums_kernel(
     X,  # (N, C, S) strides (stride_n, stride_c, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
     PART_G,  # (N, SPLITS, C) out: per-channel sums of g over split k, ACC
@@ -455,18 +458,20 @@ def _gn_dx_kernel(
     X,  # (N, C, S) strides (stride_n, stride_c, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
     DX,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
     PART_G,  # (N, SPLITS, C) per-split sums of g from _gn_grad_sums_kernel, ACC
     PART_GX,  # (N, SPLITS, C) per-split sums of g * (x - mean), ACC
-    SUM_G,  # (N, C) out (written by split 0): per-channel sums of g, ACC
-    SUM_GXHAT,  # (N, C) out (written by split 0): per-channel sums of g * xhat, ACC
+    DW,  # (C,) out: dweight, weight.dtype; any pointer unless HAS_WEIGHT
+    DB,  # (C,) out: dbias, bias.dtype; any pointer unless HAS_BIAS
+    N,  # int: samples
     C,  # int: channels
     S,  # int: positions per sample
     D,  # int: channels per group
     G,  # int: groups
+    UNITS,  # int: programs (ng, k) with ng < UNITS write dx; the rest (k == 0) dweight, dbias
     SPLITS,  # int: splits of S (the grid's axis 1)
     TILES_PER_SPLIT,  # int: tiles of BLOCK_S positions per split
     stride_n, stride_c, stride_s,  # int: X's strides, in elements
@@ -476,27 +481,37 @@ def _gn_dx_kernel(
     BLOCK_D: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # positions per tile
     SPLIT_BLOCK: tl.constexpr,  # partials merged per step
+    GRAD_ROWS: tl.constexpr,  # partial rows per step of the dweight, dbias sums
+    GRAD_BLOCK_C: tl.constexpr,  # channels per dweight, dbias program
 ):
     """Program (n * G + g, split k): the group's per-channel sums merged from the SPLITS
-    partials, its A, B, then dx over the split's positions."""
+    partials, its A, B, then dx over the split's positions. Program (UNITS + b, 0):
+    dweight, dbias of channel block b from all the partials (`_param_grads`)."""
     ACC: tl.constexpr = MEAN.dtype.element_ty
     ng, split = tl.program_id(0), tl.program_id(1)
-    n, g = ng // G, ng % G
-    c_begin, c_end = g * D, g * D + D
-    count = _count(D, S).to(ACC)
-    mean = tl.load(MEAN + ng)
-    rstd = tl.load(RSTD + ng)
-    sum_wg = tl.zeros((BLOCK_D,), ACC)
-    sum_wgxhat = tl.zeros((BLOCK_D,), ACC)
-    for c_first in range(c_begin, c_end, BLOCK_D):
-        c = c_first + tl.arange(0, BLOCK_D)
-        sum_g, sum_gx = _merged_channel_sums(PART_G, PART_GX, n, c, c < c_end, C, SPLITS, ACC, BLOCK_D, SPLIT_BLOCK)
-        sum_wg, sum_wgxhat = _group_dx_coefs(W, SUM_G, SUM_GXHAT, n, c, c < c_end, C, rstd, sum_g, sum_gx, split,
-                                             sum_wg, sum_wgxhat, ACC, HAS_WEIGHT, BLOCK_D)
-    k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
-    k_one = -rstd * tl.sum(sum_wg, axis=0) / count
-    _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, split * TILES_PER_SPLIT,
-                    TILES_PER_SPLIT, stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
+    if ng >= UNITS:
+        if split == 0:
+            _param_grads(PART_G, PART_GX, RSTD, DW, DB, ng - UNITS, N, C, G, D, SPLITS, ACC, HAS_WEIGHT, HAS_BIAS,
+                         GRAD_ROWS, GRAD_BLOCK_C)
+    else:
+        n, g = ng // G, ng % G
+        c_begin, c_end = g * D, g * D + D
+        count = _count(D, S).to(ACC)
+        mean = tl.load(MEAN + ng)
+        rstd = tl.load(RSTD + ng)
+        sum_wg = tl.zeros((BLOCK_D,), ACC)
+        sum_wgxhat = tl.zeros((BLOCK_D,), ACC)
+        for c_first in range(c_begin, c_end, BLOCK_D):
+            c = c_first + tl.arange(0, BLOCK_D)
+            sum_g, sum_gx = _merged_channel_sums(PART_G, PART_GX, n, c, c < c_end, C, SPLITS, ACC, BLOCK_D,
+                                                 SPLIT_BLOCK)
+            sum_wg, sum_wgxhat = _group_dx_coefs(W, c, c < c_end, rstd, sum_g, sum_gx, sum_wg, sum_wgxhat, ACC,
+                                                 HAS_WEIGHT, BLOCK_D)
+        k_x = -rstd * rstd * tl.sum(sum_wgxhat, axis=0) / count
+        k_one = -rstd * tl.sum(sum_wg, axis=0) / count
+        _group_write_dx(X, DY, DX, W, B, n, c_begin, c_end, mean, rstd, k_x, k_one, S, split * TILES_PER_SPLIT,
+                        TILES_PER_SPLIT, stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D,
+                        BLOCK_S)
 
 
 # ------------------------------------------------------------------ "chunk": the steps
@@ -624,20 +639,17 @@ def _chunk_grad_sums(X, DY, W, B, n, c_first, mean, rstd, S, tile_first, tiles, 
 
 
 @triton.jit
-def _chunk_write_dx(X, DY, DX, W, B, SUM_G, SUM_GXHAT, n, c_first, mean, rstd, sum_g, sum_gx, C, S, split,
-                    tile_first, tiles, stride_n, stride_s,
+def _chunk_write_dx(X, DY, DX, W, B, n, c_first, mean, rstd, sum_g, sum_gx, S, tile_first, tiles, stride_n, stride_s,
                     ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                     D: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_S: tl.constexpr):
-    """dx of the chunk over the tiles from its per-channel sums over all of S (stored at
-    SUM_G, SUM_GXHAT [n, c] by split 0), the groups' A, B formed here."""
+    """dx of the chunk over the tiles from its per-channel sums over all of S, the groups'
+    A, B formed here."""
     member = _membership(D, GROUPS, BLOCK_C)
     c, cmask = _chunk_lanes(c_first, D, GROUPS, BLOCK_C)
     w, shift = _affine_params(W, B, c, cmask, ACC, BLOCK_C, HAS_WEIGHT, HAS_BIAS)
     rstd_c = _per_channel(rstd, member)
     sum_gxhat = sum_gx * rstd_c
-    tl.store(SUM_G + n.to(tl.int64) * C + c, sum_g, mask=cmask & (split == 0))
-    tl.store(SUM_GXHAT + n.to(tl.int64) * C + c, sum_gxhat, mask=cmask & (split == 0))
     count = _count(D, S).to(ACC)
     k_x = _per_channel(-rstd * rstd * _per_group(w * sum_gxhat, member) / count, member)
     k_one = _per_channel(-rstd * _per_group(w * sum_g, member) / count, member)
@@ -659,8 +671,8 @@ def _chunk_write_dx(X, DY, DX, W, B, SUM_G, SUM_GXHAT, n, c_first, mean, rstd, s
 def _gn_chunk_fwd_kernel(
     X,  # (N, C, S) strides (stride_n, 1, stride_s), x.dtype
     Y,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) out, ACC
     RSTD,  # (N, G) out, ACC
     S,  # int: positions per sample
@@ -716,8 +728,8 @@ def _gn_chunk_stats_kernel(
 def _gn_chunk_apply_kernel(
     X,  # (N, C, S) strides (stride_n, 1, stride_s), x.dtype
     Y,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) out (written by split 0), ACC
     RSTD,  # (N, G) out (written by split 0), ACC
     PART_MEAN,  # (N * G * SPLITS,) per-split means from _gn_chunk_stats_kernel, ACC
@@ -756,12 +768,12 @@ def _gn_chunk_bwd_kernel(
     X,  # (N, C, S) strides (stride_n, 1, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
     DX,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
-    SUM_G,  # (N, C) out: per-channel sums of g (dbias partials), ACC
-    SUM_GXHAT,  # (N, C) out: per-channel sums of g * xhat (dweight partials), ACC
+    PART_G,  # (N, 1, C) out: per-channel sums of g (dbias partials), ACC
+    PART_GX,  # (N, 1, C) out: per-channel sums of g * (x - mean) (dweight partials, times rstd), ACC
     C,  # int: channels
     S,  # int: positions per sample
     G,  # int: groups
@@ -782,16 +794,19 @@ def _gn_chunk_bwd_kernel(
     rstd = tl.load(RSTD + groups)
     sum_g, sum_gx = _chunk_grad_sums(X, DY, W, B, n, c_first, mean, rstd, S, 0, tiles, stride_n, stride_s,
                                      ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C, BLOCK_S)
-    _chunk_write_dx(X, DY, DX, W, B, SUM_G, SUM_GXHAT, n, c_first, mean, rstd, sum_g, sum_gx, C, S, 0, 0, tiles,
-                    stride_n, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C, BLOCK_S)
+    c, cmask = _chunk_lanes(c_first, D, GROUPS, BLOCK_C)
+    tl.store(PART_G + n.to(tl.int64) * C + c, sum_g, mask=cmask)
+    tl.store(PART_GX + n.to(tl.int64) * C + c, sum_gx, mask=cmask)
+    _chunk_write_dx(X, DY, DX, W, B, n, c_first, mean, rstd, sum_g, sum_gx, S, 0, tiles, stride_n, stride_s,
+                    ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
 def _gn_chunk_grad_sums_kernel(
     X,  # (N, C, S) strides (stride_n, 1, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
     PART_G,  # (N, SPLITS, C) out: per-channel sums of g over split k, ACC
@@ -830,17 +845,19 @@ def _gn_chunk_dx_kernel(
     X,  # (N, C, S) strides (stride_n, 1, stride_s), x.dtype
     DY,  # (N, C, S) X's strides, x.dtype
     DX,  # (N, C, S) out, X's strides, x.dtype
-    W,  # (C,) ACC (float32; float64 for float64 x); any pointer unless HAS_WEIGHT
-    B,  # (C,) ACC; any pointer unless HAS_BIAS
+    W,  # (C,) weight.dtype; any pointer unless HAS_WEIGHT
+    B,  # (C,) bias.dtype; any pointer unless HAS_BIAS
     MEAN,  # (N, G) ACC
     RSTD,  # (N, G) ACC
     PART_G,  # (N, SPLITS, C) per-split sums of g from _gn_chunk_grad_sums_kernel, ACC
     PART_GX,  # (N, SPLITS, C) per-split sums of g * (x - mean), ACC
-    SUM_G,  # (N, C) out (written by split 0): per-channel sums of g, ACC
-    SUM_GXHAT,  # (N, C) out (written by split 0): per-channel sums of g * xhat, ACC
+    DW,  # (C,) out: dweight, weight.dtype; any pointer unless HAS_WEIGHT
+    DB,  # (C,) out: dbias, bias.dtype; any pointer unless HAS_BIAS
+    N,  # int: samples
     C,  # int: channels
     S,  # int: positions per sample
     G,  # int: groups
+    UNITS,  # int: programs (u, k) with u < UNITS write dx; the rest (k == 0) dweight, dbias
     SPLITS,  # int: splits of S (the grid's axis 1)
     TILES_PER_SPLIT,  # int: tiles of BLOCK_S positions per split
     stride_n, stride_s,  # int: X's strides, in elements
@@ -852,34 +869,103 @@ def _gn_chunk_dx_kernel(
     BLOCK_C: tl.constexpr,  # channel lanes per tile: power of two >= GROUPS * D
     BLOCK_S: tl.constexpr,  # positions per tile
     SPLIT_BLOCK: tl.constexpr,  # partials merged per step
+    GRAD_ROWS: tl.constexpr,  # partial rows per step of the dweight, dbias sums
+    GRAD_BLOCK_C: tl.constexpr,  # channels per dweight, dbias program
 ):
     """Program (n * chunks + k, split): the chunk's per-channel sums merged from the SPLITS
-    partials, its groups' A, B, then dx over the split's positions."""
+    partials, its groups' A, B, then dx over the split's positions. Program (UNITS + b,
+    0): dweight, dbias of channel block b from all the partials (`_param_grads`)."""
     ACC: tl.constexpr = MEAN.dtype.element_ty
-    split = tl.program_id(1)
-    n, c_first, groups = _chunk_unit(tl.program_id(0), G, D, GROUPS)
-    mean = tl.load(MEAN + groups)
-    rstd = tl.load(RSTD + groups)
-    c, cmask = _chunk_lanes(c_first, D, GROUPS, BLOCK_C)
-    sum_g, sum_gx = _merged_channel_sums(PART_G, PART_GX, n, c, cmask, C, SPLITS, ACC, BLOCK_C, SPLIT_BLOCK)
-    _chunk_write_dx(X, DY, DX, W, B, SUM_G, SUM_GXHAT, n, c_first, mean, rstd, sum_g, sum_gx, C, S, split,
-                    split * TILES_PER_SPLIT, TILES_PER_SPLIT, stride_n, stride_s,
-                    ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C, BLOCK_S)
+    unit, split = tl.program_id(0), tl.program_id(1)
+    if unit >= UNITS:
+        if split == 0:
+            _param_grads(PART_G, PART_GX, RSTD, DW, DB, unit - UNITS, N, C, G, D, SPLITS, ACC, HAS_WEIGHT, HAS_BIAS,
+                         GRAD_ROWS, GRAD_BLOCK_C)
+    else:
+        n, c_first, groups = _chunk_unit(unit, G, D, GROUPS)
+        mean = tl.load(MEAN + groups)
+        rstd = tl.load(RSTD + groups)
+        c, cmask = _chunk_lanes(c_first, D, GROUPS, BLOCK_C)
+        sum_g, sum_gx = _merged_channel_sums(PART_G, PART_GX, n, c, cmask, C, SPLITS, ACC, BLOCK_C, SPLIT_BLOCK)
+        _chunk_write_dx(X, DY, DX, W, B, n, c_first, mean, rstd, sum_g, sum_gx, S, split * TILES_PER_SPLIT,
+                        TILES_PER_SPLIT, stride_n, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C,
+                        BLOCK_S)
+
+
+# ------------------------------------------------------------------ dweight, dbias
+
+
+@triton.jit
+def _param_grads(PART_G, PART_GX, RSTD, DW, DB, block, N, C, G, D, SPLITS, ACC: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD_ROWS: tl.constexpr,
+                 GRAD_BLOCK_C: tl.constexpr):
+    """dweight, dbias of channels [block * GRAD_BLOCK_C, ...) in the parameters' dtypes,
+    from the per-(sample, split) channel sums PART_*[(n * SPLITS + k) * C + c], summed over
+    the N * SPLITS rows in a fixed order (deterministic): dbias = sum of the sums of g,
+    dweight = sum of rstd[n, c // D] * the sums of g * (x - mean)."""
+    c = block * GRAD_BLOCK_C + tl.arange(0, GRAD_BLOCK_C)
+    cmask = c < C
+    group = c // D  # once per program
+    acc_g = tl.zeros((GRAD_ROWS, GRAD_BLOCK_C), ACC)
+    acc_gx = tl.zeros((GRAD_ROWS, GRAD_BLOCK_C), ACC)
+    rows = N * SPLITS
+    for first in range(0, rows, GRAD_ROWS):
+        r = first + tl.arange(0, GRAD_ROWS)
+        mask = (r < rows)[:, None] & cmask[None, :]
+        offsets = r.to(tl.int64)[:, None] * C + c[None, :]
+        if HAS_BIAS:
+            acc_g += tl.load(PART_G + offsets, mask=mask, other=0.0)
+        if HAS_WEIGHT:
+            rstd = tl.load(RSTD + (r // SPLITS).to(tl.int64)[:, None] * G + group[None, :], mask=mask, other=0.0)
+            acc_gx += tl.load(PART_GX + offsets, mask=mask, other=0.0) * rstd
+    if HAS_WEIGHT:
+        tl.store(DW + c, tl.sum(acc_gx, axis=0).to(DW.dtype.element_ty), mask=cmask)
+    if HAS_BIAS:
+        tl.store(DB + c, tl.sum(acc_g, axis=0).to(DB.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gn_param_grads_kernel(
+    RSTD,  # (N, G) ACC (float32; float64 for float64 x)
+    PART_G,  # (N, SPLITS, C) per-(sample, split) sums of g, ACC
+    PART_GX,  # (N, SPLITS, C) per-(sample, split) sums of g * (x - mean), ACC
+    DW,  # (C,) out: dweight, weight.dtype; any pointer unless HAS_WEIGHT
+    DB,  # (C,) out: dbias, bias.dtype; any pointer unless HAS_BIAS
+    N,  # int: samples
+    C,  # int: channels
+    G,  # int: groups
+    D,  # int: channels per group
+    SPLITS,  # int: splits of S
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GRAD_ROWS: tl.constexpr,  # partial rows per step
+    GRAD_BLOCK_C: tl.constexpr,  # channels per program
+):
+    """Program (b, 0): dweight, dbias of channel block b (after the unsplit backward)."""
+    _param_grads(PART_G, PART_GX, RSTD, DW, DB, tl.program_id(0), N, C, G, D, SPLITS, RSTD.dtype.element_ty,
+                 HAS_WEIGHT, HAS_BIAS, GRAD_ROWS, GRAD_BLOCK_C)
 
 
 # ------------------------------------------------------------------ launch
 
-# (family, direction, split) -> the kernels launched, in order, over the grid (units, SPLITS)
+# (family, direction, split) -> the kernels launched, in order, each with its grid: "units"
+# (units, SPLITS); "units+grads" (units + the dweight/dbias programs, SPLITS): the
+# dweight/dbias programs, split 0 only, past the units; "grads" (the dweight/dbias
+# programs, 1), not launched without weight and bias
 _KERNELS = {
-    ("group", "fwd", False): (_gn_fwd_kernel,),
-    ("group", "fwd", True): (_gn_stats_kernel, _gn_apply_kernel),
-    ("group", "bwd", False): (_gn_bwd_kernel,),
-    ("group", "bwd", True): (_gn_grad_sums_kernel, _gn_dx_kernel),
-    ("chunk", "fwd", False): (_gn_chunk_fwd_kernel,),
-    ("chunk", "fwd", True): (_gn_chunk_stats_kernel, _gn_chunk_apply_kernel),
-    ("chunk", "bwd", False): (_gn_chunk_bwd_kernel,),
-    ("chunk", "bwd", True): (_gn_chunk_grad_sums_kernel, _gn_chunk_dx_kernel),
+    ("group", "fwd", False): ((_gn_fwd_kernel, "units"),),
+    ("group", "fwd", True): ((_gn_stats_kernel, "units"), (_gn_apply_kernel, "units")),
+    ("group", "bwd", False): ((_gn_bwd_kernel, "units"), (_gn_param_grads_kernel, "grads")),
+    ("group", "bwd", True): ((_gn_grad_sums_kernel, "units"), (_gn_dx_kernel, "units+grads")),
+    ("chunk", "fwd", False): ((_gn_chunk_fwd_kernel, "units"),),
+    ("chunk", "fwd", True): ((_gn_chunk_stats_kernel, "units"), (_gn_chunk_apply_kernel, "units")),
+    ("chunk", "bwd", False): ((_gn_chunk_bwd_kernel, "units"), (_gn_param_grads_kernel, "grads")),
+    ("chunk", "bwd", True): ((_gn_chunk_grad_sums_kernel, "units"), (_gn_chunk_dx_kernel, "units+grads")),
 }
+# dweight/dbias programs: GRAD_BLOCK_C channels each, partial rows summed GRAD_ROWS per step
+# (float32 partials: rows of 256 bytes, 16 bytes per thread and access)
+GRAD_BLOCK_C = 64
+GRAD_ROWS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -987,24 +1073,25 @@ def _launch_device(tensor):
     return _NO_DEVICE_CHANGE
 
 
-def _launch(plan, direction, args):
-    """Launch the kernels of `plan` for `direction` over the grid (units, SPLITS), each
-    taking its arguments by name from `args`."""
-    args = dict(args, SPLITS=plan.splits, TILES_PER_SPLIT=plan.tiles_per_split,
-                SPLIT_BLOCK=min(triton.next_power_of_2(plan.splits), MAX_SPLIT_BLOCK), **plan.tile)
+def _launch(plan, direction, args, param_grads=False):
+    """Launch the kernels of `plan` for `direction` over their grids (`_KERNELS`), each
+    taking its arguments by name from `args`; param_grads: dweight or dbias wanted."""
+    grad_programs = triton.cdiv(args["C"], GRAD_BLOCK_C) if param_grads else 0
+    args = dict(args, SPLITS=plan.splits, TILES_PER_SPLIT=plan.tiles_per_split, UNITS=plan.units,
+                SPLIT_BLOCK=min(triton.next_power_of_2(plan.splits), MAX_SPLIT_BLOCK), GRAD_ROWS=GRAD_ROWS,
+                GRAD_BLOCK_C=GRAD_BLOCK_C, **plan.tile)
+    grids = {"units": (plan.units, plan.splits), "units+grads": (plan.units + grad_programs, plan.splits),
+             "grads": (grad_programs, 1)}
     with _launch_device(args["X"]):
-        for kernel in _KERNELS[plan.family, direction, plan.splits > 1]:
-            kernel[(plan.units, plan.splits)](**{name: args[name] for name in kernel.arg_names}, num_warps=NUM_WARPS)
+        for kernel, grid in _KERNELS[plan.family, direction, plan.splits > 1]:
+            if grids[grid][0] > 0:
+                kernel[grids[grid]](**{name: args[name] for name in kernel.arg_names}, num_warps=NUM_WARPS)
 
 
 def _walkable(x):
     """x itself if dense (empty_like keeps its strides: y and dx then share them), else a
     contiguous copy."""
     return x if torch.empty_like(x).stride() == x.stride() else x.contiguous()
-
-
-def _acc_param(param, acc):
-    return param.to(acc).contiguous() if param is not None else None
 
 
 def _as_ncs(t):
@@ -1026,11 +1113,13 @@ def gn_fwd(x, weight, bias, groups, eps, silu, splits=None):
     N, C, S = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     y = torch.empty_like(x)
-    mean = torch.zeros((N, groups), dtype=acc, device=x.device)
-    rstd = torch.zeros((N, groups), dtype=acc, device=x.device)
+    # written by the kernels; no values to normalize (S == 0): zeros
+    stats = torch.empty if x.numel() > 0 else torch.zeros
+    mean = stats((N, groups), dtype=acc, device=x.device)
+    rstd = stats((N, groups), dtype=acc, device=x.device)
     if x.numel() > 0:
         plan = _plan(N, C, groups, S, x.stride(1), x.element_size(), x.device, splits=splits)
-        w, b = _acc_param(weight, acc), _acc_param(bias, acc)
+        w, b = (param.contiguous() if param is not None else None for param in (weight, bias))
         # per-split (mean, M2) of each group, merged by the apply kernel
         part_mean, part_m2 = (torch.empty((N * groups * plan.splits if plan.splits > 1 else 0,), dtype=acc,
                                           device=x.device) for _ in range(2))
@@ -1044,8 +1133,10 @@ def gn_fwd(x, weight, bias, groups, eps, silu, splits=None):
 
 def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu, splits=None):
     """Gradients of gn_fwd: (dx in x's layout, dweight, dbias), the parameter gradients
-    in the parameters' dtypes (empty where absent), summed over the samples in order from
-    per-sample float32 partials (N, C): deterministic. splits: as in gn_fwd."""
+    in the parameters' dtypes (empty where absent), summed in a fixed order over the
+    per-(sample, split) float32 partials (N, SPLITS, C): deterministic. Two launches:
+    unsplit, the backward kernel and `_gn_param_grads_kernel`; split, the grad-sums
+    kernel and the dx kernel, whose last programs sum dweight, dbias. splits: as in gn_fwd."""
     shape = x.shape
     x, dy = _walkable(_as_ncs(x)), _as_ncs(dy)
     if dy.dtype != x.dtype or dy.stride() != x.stride():
@@ -1053,20 +1144,22 @@ def gn_bwd(dy, x, weight, bias, mean, rstd, groups, silu, splits=None):
     N, C, S = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     dx = torch.empty_like(x)
-    sum_g = torch.zeros((N, C), dtype=acc, device=x.device)
-    sum_gxhat = torch.zeros((N, C), dtype=acc, device=x.device)
-    if x.numel() > 0:
-        plan = _plan(N, C, groups, S, x.stride(1), x.element_size(), x.device, splits=splits)
-        w, b = _acc_param(weight, acc), _acc_param(bias, acc)
-        mean, rstd = mean.contiguous(), rstd.contiguous()
-        # per-split per-channel sums (N, SPLITS, C), summed in order by the dx kernel
-        part_g, part_gx = (torch.empty((N, plan.splits, C) if plan.splits > 1 else (0,), dtype=acc,
-                                       device=x.device) for _ in range(2))
-        _launch(plan, "bwd", dict(
-            X=x, DY=dy, DX=dx, W=w if w is not None else mean, B=b if b is not None else mean,
-            MEAN=mean, RSTD=rstd, PART_G=part_g, PART_GX=part_gx, SUM_G=sum_g, SUM_GXHAT=sum_gxhat,
-            C=C, S=S, G=groups, D=C // groups, stride_n=x.stride(0), stride_c=x.stride(1), stride_s=x.stride(2),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu))
-    dweight = sum_gxhat.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-    dbias = sum_g.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    if x.numel() == 0:  # no values: zero parameter gradients
+        return (dx.view(shape), *(torch.zeros(C, dtype=param.dtype, device=x.device) if param is not None
+                                  else x.new_empty(0) for param in (weight, bias)))
+    dweight = torch.empty(C, dtype=weight.dtype, device=x.device) if weight is not None else x.new_empty(0)
+    dbias = torch.empty(C, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
+    plan = _plan(N, C, groups, S, x.stride(1), x.element_size(), x.device, splits=splits)
+    w, b = (param.contiguous() if param is not None else None for param in (weight, bias))
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    # per-(sample, split) per-channel sums, merged per sample by the dx kernel (split) and
+    # over samples and splits into dweight, dbias
+    part_g, part_gx = (torch.empty((N, plan.splits, C), dtype=acc, device=x.device) for _ in range(2))
+    _launch(plan, "bwd", dict(
+        X=x, DY=dy, DX=dx, W=w if w is not None else mean, B=b if b is not None else mean,
+        MEAN=mean, RSTD=rstd, PART_G=part_g, PART_GX=part_gx, DW=dweight if weight is not None else part_g,
+        DB=dbias if bias is not None else part_g, N=N, C=C, S=S, G=groups, D=C // groups,
+        stride_n=x.stride(0), stride_c=x.stride(1), stride_s=x.stride(2),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu),
+        param_grads=weight is not None or bias is not None)
     return dx.view(shape), dweight, dbias
