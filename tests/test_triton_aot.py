@@ -86,18 +86,39 @@ def test_dropout_accesses_and_index_arithmetic(family, case):
 # ------------------------------------------------------------------ LayerNorm, RMSNorm
 
 
-@pytest.mark.parametrize("family, case", _params("layer_norm"))
+def _norm_params(param_grads):
+    return [param for param in _params("layer_norm")
+            if (param.values[1].kernel == "_norm_param_grads_kernel") == param_grads]
+
+
+@pytest.mark.parametrize("family, case", _norm_params(param_grads=False))
 def test_norm_rows_accessed_16_bytes_at_a_time(family, case):
     """Every access of a row (x, residual, h, y, dy, dh, dx, the weight and bias, the
     partial sums) is 16 bytes wide: the only narrower ones are the per-row scalars
-    (mean, rstd) and the seed."""
+    (mean, rstd) and the seed. The looped backward's launch has two kinds of programs (dx
+    of rows; dw, db partials of a column block), each loading mean and rstd."""
     ptx = triton_aot.ptx_of(_compiled(family), case)
-    scalars = {name for name in ("MEAN", "RSTD", "SEED") if name in case.signature}
+    c = case.constexprs
+    scalars = [name for name in ("MEAN", "RSTD", "SEED") if name in case.signature]
+    if c.get("ROW_PARTS") == 0 and (c["HAS_W"] or c["HAS_B"]):
+        scalars += ["MEAN", "RSTD"]  # the dw, db programs' loads
     for kind in ("ld", "st"):
         accesses = triton_aot.global_accesses(ptx, kind)
         narrow = [line for line in accesses if line not in triton_aot.global_accesses(ptx, kind, sixteen_bytes=True)]
         assert len(accesses) > len(narrow), f"no 16-byte {kind}: {accesses}"
         assert len(narrow) <= len(scalars) and not any(".v" in line for line in narrow), narrow
+
+
+@pytest.mark.parametrize("family, case", _norm_params(param_grads=True))
+def test_norm_partials_read_16_bytes_at_a_time(family, case):
+    """The sum of the backward's partial rows reads them 16 bytes per access; its
+    stores, dweight and dbias (N values per launch, one column per thread after the
+    sum over rows), may be narrower: one per output."""
+    ptx = triton_aot.ptx_of(_compiled(family), case)
+    loads = triton_aot.global_accesses(ptx, "ld")
+    assert loads and loads == triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True), loads
+    outputs = case.constexprs["HAS_W"] + case.constexprs["HAS_B"]
+    assert len(triton_aot.global_accesses(ptx, "st")) == outputs
 
 
 # ------------------------------------------------------------------ GroupNorm
@@ -117,6 +138,8 @@ def _gn_tile_vector_accesses(case):
     divisible by 16). Each tile is spread over the 32 * num_warps threads, and read or
     written GN_TILE_PASSES times."""
     c = case.constexprs
+    if case.kernel == "_gn_param_grads_kernel":  # no tile of x: test_group_norm_param_grads_reads_partials
+        return None
     itemsize = _itemsize(case, "X")
     if "GROUPS" in c:  # chunk
         lanes = c["BLOCK_C"]
@@ -188,3 +211,18 @@ def test_batch_norm_accesses(family, case):
     if case.kernel == "_bn_affine_kernel":
         stores = triton_aot.global_accesses(ptx, "st")
         assert stores == triton_aot.global_accesses(ptx, "st", sixteen_bytes=True), stores
+
+
+@pytest.mark.parametrize("family, case", [param for param in _params("group_norm")
+                                          if param.values[1].kernel == "_gn_param_grads_kernel"])
+def test_group_norm_param_grads_reads_partials_16_bytes_at_a_time(family, case):
+    """dweight / dbias from the per-sample channel sums: each partial tile (rows of C
+    float32 values) is read 16 bytes per access where C is a multiple of 4; only the
+    per-(sample, group) rstd gathered for dweight and the final stores are narrower."""
+    ptx = triton_aot.ptx_of(_compiled(family), case)
+    partials = case.constexprs["HAS_WEIGHT"] + case.constexprs["HAS_BIAS"]
+    rows_per_thread = case.constexprs["GRAD_ROWS"] * case.constexprs["GRAD_BLOCK_C"] * 4 // (16 * 32 * case.num_warps)
+    if "C" not in case.div16:
+        return
+    wide = triton_aot.global_accesses(ptx, "ld", sixteen_bytes=True)
+    assert len(wide) >= partials * rows_per_thread, wide
