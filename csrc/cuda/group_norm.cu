@@ -7,6 +7,8 @@
 //             channels-last, s fastest otherwise), so loads are coalesced in either layout.
 //   backward  per channel of the group, the sums of g and g * (x - mean) over S (the
 //             dweight / dbias partials, and the group's A, B), then dx in memory order.
+//             dweight / dbias: the per-sample partials summed over N in order by
+//             column_sums_kernel, in the parameters' dtypes (two launches in all).
 // Block reductions are fixed trees in shared memory: deterministic, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fastreg/column_sums.cuh"
 #include "fastreg/gn_steps.h"
 #include "fastreg/welford.h"
 
@@ -148,7 +151,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cuda(const at::Tensor& x_i
   const at::Tensor w = param_as_acc(weight, in.x), b = param_as_acc(bias, in.x);
   at::Tensor y = at::empty_like(in.x);
   const auto stats = in.x.options().dtype(acc_dtype(in.x));
-  at::Tensor mean = at::zeros({in.N, groups}, stats), rstd = at::zeros({in.N, groups}, stats);
+  // written by the kernel; zeros only where there is nothing to normalize
+  const bool empty_input = in.x.numel() == 0;
+  at::Tensor mean = empty_input ? at::zeros({in.N, groups}, stats) : at::empty({in.N, groups}, stats);
+  at::Tensor rstd = empty_input ? at::zeros({in.N, groups}, stats) : at::empty({in.N, groups}, stats);
   if (in.x.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_fwd_cuda", [&] {
@@ -174,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cuda(const at::Tensor& dy_
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   at::Tensor dx = at::empty_like(in.x);
   const auto acc = in.x.options().dtype(acc_dtype(in.x));
-  at::Tensor sum_g = at::zeros({in.N, in.C}, acc), sum_gxhat = at::zeros({in.N, in.C}, acc);
+  // every (n, c) written by the kernel; an empty input's are never read (zero rows summed)
+  at::Tensor sum_g = at::empty({in.N, in.C}, acc), sum_gxhat = at::empty({in.N, in.C}, acc);
   if (in.x.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "fastreg_gn_bwd_cuda", [&] {
@@ -183,7 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cuda(const at::Tensor& dy_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const auto [dweight, dbias] = finish_gn_param_grads(sum_gxhat, sum_g, weight, bias, in.x);
+  const int64_t rows = in.x.numel() > 0 ? in.N : 0;
+  const auto dtype_of = [&](const std::optional<at::Tensor>& param) {
+    return param.has_value() ? param->scalar_type() : in.x.scalar_type();
+  };
+  at::Tensor dweight = at::empty({0}, in.x.options().dtype(dtype_of(weight)));
+  at::Tensor dbias = at::empty({0}, in.x.options().dtype(dtype_of(bias)));
+  if (weight.has_value() && bias.has_value() && dtype_of(weight) == dtype_of(bias)) {
+    std::tie(dweight, dbias) = column_sums_cuda(sum_gxhat, sum_g, rows, in.C, dtype_of(weight));
+  } else {  // one launch per parameter where their dtypes differ
+    if (weight.has_value()) dweight = std::get<0>(column_sums_cuda(sum_gxhat, {}, rows, in.C, dtype_of(weight)));
+    if (bias.has_value()) dbias = std::get<1>(column_sums_cuda({}, sum_g, rows, in.C, dtype_of(bias)));
+  }
   return {in_layout_of(dx, x_in), dweight, dbias};
 }
 

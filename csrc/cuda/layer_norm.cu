@@ -1,14 +1,16 @@
 // LayerNorm / RMSNorm on CUDA tensors. Forward: one block per row; each thread keeps a
 // Welford state (csrc/include/fastreg/welford.h) over its columns, merged across the
-// block, then a second sweep writes y (from L1/L2 for rows that fit). Backward: one block
-// per row for dx; dweight/dbias from per-chunk column partial sums reduced afterwards
-// (no atomics: deterministic).
+// block, then a second sweep writes y (from L1/L2 for rows that fit). Backward, two
+// launches: one block per row for dx, and in the same launch blocks that write the
+// per-chunk column partial sums for dweight/dbias; then column_sums_kernel sums them in a
+// fixed order into the weight's dtype (no atomics: deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fastreg/column_sums.cuh"
 #include "fastreg/norm_args.h"
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
@@ -17,7 +19,6 @@ namespace fastreg {
 namespace {
 
 constexpr int kMaxWeightChunks = 512;
-constexpr int kColumnThreads = 256;
 
 int threads_for(int64_t n) {
   // enough threads that each handles a few elements, within one block
@@ -141,9 +142,36 @@ __global__ void norm_fwd_kernel(NormFwdParams<scalar_t, h_t> p) {
   }
 }
 
+// Block `block` past the rows: columns [k * blockDim.x, (k + 1) * blockDim.x) of chunk c
+// (block = c * column blocks + k), the sums of dy * xhat and dy over the chunk's rows.
+template <typename scalar_t>
+__device__ void norm_bwd_weight_partials(const NormBwdParams<scalar_t>& p, int64_t block) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t column_blocks = (p.n + blockDim.x - 1) / blockDim.x;
+  const int64_t chunk = block / column_blocks;
+  const int64_t j = (block % column_blocks) * blockDim.x + threadIdx.x;
+  if (j >= p.n) return;
+  const int64_t first = chunk * p.chunk_rows;
+  const int64_t last = min(first + p.chunk_rows, p.m);
+  acc_t dw = 0, db = 0;
+  for (int64_t row = first; row < last; ++row) {
+    const acc_t dy = static_cast<acc_t>(p.dy[row * p.n + j]);
+    const acc_t mean = p.mean ? p.mean[row] : acc_t(0);
+    dw += dy * (static_cast<acc_t>(p.x[row * p.n + j]) - mean) * p.rstd[row];
+    db += dy;
+  }
+  p.dw_partial[chunk * p.n + j] = dw;
+  p.db_partial[chunk * p.n + j] = db;
+}
+
+// Blocks [0, m): dx of row blockIdx.x. Blocks past m: norm_bwd_weight_partials.
 template <typename scalar_t>
 __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
+  if (static_cast<int64_t>(blockIdx.x) >= p.m) {  // whole blocks: the row's block sums below stay uniform
+    norm_bwd_weight_partials(p, static_cast<int64_t>(blockIdx.x) - p.m);
+    return;
+  }
   const int64_t row = blockIdx.x, base = row * p.n;
   const acc_t mean = p.mean ? p.mean[row] : acc_t(0), rstd = p.rstd[row];
   Pair<acc_t> sums{acc_t(0), acc_t(0)};  // (sum g * xhat, sum g)
@@ -168,25 +196,6 @@ __global__ void norm_bwd_dx_kernel(NormBwdParams<scalar_t> p) {
           static_cast<scalar_t>(static_cast<acc_t>(rounded) * (keep_element(word, p.threshold) ? p.scale : acc_t(0)));
     }
   }
-}
-
-// Column j of chunk c: sums of dy * xhat and dy over the chunk's rows.
-template <typename scalar_t>
-__global__ void norm_bwd_weight_kernel(NormBwdParams<scalar_t> p) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= p.n) return;
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * p.chunk_rows;
-  const int64_t last = min(first + p.chunk_rows, p.m);
-  acc_t dw = 0, db = 0;
-  for (int64_t row = first; row < last; ++row) {
-    const acc_t dy = static_cast<acc_t>(p.dy[row * p.n + j]);
-    const acc_t mean = p.mean ? p.mean[row] : acc_t(0);
-    dw += dy * (static_cast<acc_t>(p.x[row * p.n + j]) - mean) * p.rstd[row];
-    db += dy;
-  }
-  p.dw_partial[blockIdx.y * p.n + j] = dw;
-  p.db_partial[blockIdx.y * p.n + j] = db;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
@@ -225,22 +234,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
+  // the partials are written whole by the kernel (no zero fill); no rows: none are read
+  NormBwdBuffers buffers =
+      prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks, /*zero_partials=*/false);
   const int64_t m = buffers.m, n = buffers.n, chunks = buffers.dw_partial.size(0);
+  const bool param_grads = weight.has_value() || has_bias;
   if (m > 0 && n > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int threads = threads_for(n);
+    const int64_t weight_blocks = param_grads ? chunks * ((n + threads - 1) / threads) : 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cuda", [&] {
       const auto params = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
-      norm_bwd_dx_kernel<scalar_t><<<m, threads_for(n), 0, stream>>>(params);
+      norm_bwd_dx_kernel<scalar_t><<<m + weight_blocks, threads, 0, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (weight.has_value() || has_bias) {
-        const dim3 grid((n + kColumnThreads - 1) / kColumnThreads, chunks);
-        norm_bwd_weight_kernel<scalar_t><<<grid, kColumnThreads, 0, stream>>>(params);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
     });
   }
-  return finish_norm_bwd(buffers, weight, has_bias);
+  const auto w_dtype = weight.has_value() ? weight->scalar_type() : buffers.x.scalar_type();
+  if (!param_grads) {  // distinct empty tensors: an op's outputs may not alias
+    const auto empty = [&] { return at::empty({0}, buffers.x.options().dtype(w_dtype)); };
+    return {buffers.dx, empty(), empty(), buffers.dx_dropout};
+  }
+  auto [dweight, dbias] =
+      column_sums_cuda(weight.has_value() ? buffers.dw_partial : at::Tensor(),
+                       has_bias ? buffers.db_partial : at::Tensor(), m > 0 ? chunks : 0, n, w_dtype);
+  return {buffers.dx, dweight, dbias, buffers.dx_dropout};
 }
 
 }  // namespace

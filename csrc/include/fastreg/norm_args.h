@@ -88,7 +88,8 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
 // What a norm_bwd kernel reads and writes, prepared the same way on every device: the
 // contiguous inputs, whatever strides they came with (dy and dh in the dtype of the norm
 // input: y's may differ from h's; mean and rstd), dx, the weight in the accumulate dtype,
-// and zeroed dweight / dbias partials, one row per chunk of chunk_rows rows.
+// and dweight / dbias partials, one row per chunk of chunk_rows rows: zeroed where the
+// kernels add to them (zero_partials), else left for the kernels to write whole.
 // With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
 struct NormBwdBuffers {
   at::Tensor x, dy, dh, w, mean, rstd, dx, dw_partial, db_partial, dx_dropout;
@@ -98,7 +99,7 @@ struct NormBwdBuffers {
 inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                        const at::Tensor& mean, const at::Tensor& rstd,
                                        const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed,
-                                       int64_t max_chunks) {
+                                       int64_t max_chunks, bool zero_partials = true) {
   NormBwdBuffers b;
   b.x = x.contiguous();
   b.mean = mean.contiguous();
@@ -112,8 +113,9 @@ inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x
   b.n = b.x.size(1);
   b.chunk_rows = rows_per_chunk(b.m, max_chunks);
   const int64_t chunks = b.m == 0 ? 1 : (b.m + b.chunk_rows - 1) / b.chunk_rows;
-  b.dw_partial = at::zeros({chunks, b.n}, b.x.options().dtype(acc_dtype(b.x)));
-  b.db_partial = at::zeros({chunks, b.n}, b.x.options().dtype(acc_dtype(b.x)));
+  const auto partials = b.x.options().dtype(acc_dtype(b.x));
+  b.dw_partial = zero_partials ? at::zeros({chunks, b.n}, partials) : at::empty({chunks, b.n}, partials);
+  b.db_partial = zero_partials ? at::zeros({chunks, b.n}, partials) : at::empty({chunks, b.n}, partials);
   return b;
 }
 
