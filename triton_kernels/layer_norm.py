@@ -285,7 +285,7 @@ def _norm_bwd_kernel(
     M,  # int: rows
     N,  # int: columns
     rows_per_program,  # int
-    dx_programs,  # int: programs [0, dx_programs) take rows for dx; looped path: the rest take (rows, column block) for dw, db
+    dx_programs,  # int: programs [0, dx_programs) take rows for dx; looped, the rest (rows, column block) for dw, db
     threshold,  # int: a Philox word below it drops its element (round(p * 2^32))
     scale_bits,  # int64: the bits of the float64 1 / (1 - p)
     IS_RMS: tl.constexpr,
