@@ -327,18 +327,29 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _batch_norm_runs(input, running_mean, running_var, weight, bias, training, eps) -> bool:
+    """Whether fastreg's kernels take these arguments (torch's checks pass, the batch is not
+    empty): in one pass, as this runs on every BatchNorm call."""
+    if (not input.is_floating_point() or input.dim() < 2 or eps < 0.0 or (training and eps <= 0.0)
+            or (running_mean is None) != (running_var is None) or (not training and running_mean is None)
+            or input.numel() == 0):
+        return False
+    device, channels = input.device, input.shape[1]
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.device != device or t.numel() != channels or not t.is_floating_point()):
+            return False
+    return True
+
+
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, batches_tracked=None):
     """batch_norm; with batches_tracked (a module's num_batches_tracked, momentum=None) the
     running statistics take the cumulative average, 1 / batches_tracked read on the device."""
-    if (_torch_decides(input, running_mean, running_var, weight, bias) or input.dim() < 2 or input.numel() == 0
-            or eps < 0.0 or (training and eps <= 0.0) or (running_mean is None) != (running_var is None)
-            or (not training and running_mean is None)
-            or any(t is not None and t.numel() != input.shape[1] for t in (running_mean, running_var, weight, bias))):
+    if not _batch_norm_runs(input, running_mean, running_var, weight, bias, training, eps):
         # torch's errors; an empty batch: torch's result (running statistics left as they are)
         if batches_tracked is not None:
             momentum = 1.0 / float(batches_tracked)
         return torch_F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if training and input.numel() == input.shape[1]:  # one value per channel
+    if training and input.numel() == input.shape[1]:  # one value per channel: torch's error
         torch_F._verify_batch_size(input.size())
     return BN_FWD[choose_backend(input.device.type)](input, weight, bias, running_mean, running_var, training, momentum,
                                                      eps, batches_tracked)[0]
