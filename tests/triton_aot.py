@@ -286,11 +286,9 @@ for case in cases:
         aligned = [name for name, ty in case["signature"].items() if ty.startswith("*")] + list(case["div16"])
         attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget(*target), options={"num_warps": case["num_warps"]})
-        results[case["id"]] = ("ptx", compiled.asm["ptx"], resource_usage(compiled.asm["cubin"]))
         options = {"num_warps": case["num_warps"], **dict(case["options"])}
         compiled = triton.compile(source, target=GPUTarget(*target), options=options)
-        results[case["id"]] = ("ptx", compiled.asm["ptx"])
+        results[case["id"]] = ("ptx", compiled.asm["ptx"], resource_usage(compiled.asm["cubin"]))
     except Exception:
         results[case["id"]] = ("error", traceback.format_exc()[-6000:], None)
 with open(results_path, "wb") as f:

@@ -163,7 +163,8 @@ def _bn_fwd_kernel(
                                       sx_n, sx_c, sx_s, 0, 0, 0, False, FUSED, ACC, BLOCK_P, BLOCK_C)
         count = tl.maximum(P, 1).to(ACC)
         mean_d = sum_d / count
-        var = tl.maximum(sum_dd / count - mean_d * mean_d, 0.0)
+        var = sum_dd / count - mean_d * mean_d
+        var = tl.where(var < 0.0, 0.0, var)  # rounding below 0 clamped; a NaN (non-finite x) kept
         mean = shift + mean_d
     else:
         mean = tl.load(RUNNING_MEAN + c, mask=cmask, other=0.0).to(ACC)

@@ -225,7 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_fwd_cpu(const at::Tensor& x_in
       std::vector<acc_t> unbiased(C);
       for (int64_t c = 0; c < C; ++c) {
         const acc_t mean_d = sum_d[c] / denominator;
-        const acc_t var = std::max(sum_dd[c] / denominator - mean_d * mean_d, acc_t(0));
+        acc_t var = sum_dd[c] / denominator - mean_d * mean_d;
+        if (var < acc_t(0)) var = 0;  // rounding below 0 clamped; a NaN (non-finite x) kept
         mean_c[c] = shift[c] + mean_d;
         invstd_c[c] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
         unbiased[c] = var * unbias;

@@ -271,7 +271,8 @@ __global__ void fwd_finalize_kernel(FwdFinalizeParams<acc_t> p, const scalar_t* 
     const acc_t shift = p.count > 0 ? static_cast<acc_t>(x[c * x_stride_c]) : acc_t(0);
     const acc_t mean_d = a / n;
     mean = shift + mean_d;
-    var = max(b / n - mean_d * mean_d, acc_t(0));
+    var = b / n - mean_d * mean_d;
+    if (var < acc_t(0)) var = 0;  // rounding below 0 clamped; a NaN (non-finite x) kept
     if (p.running_mean) {
       const acc_t factor =
           p.batches_tracked ? acc_t(1) / static_cast<acc_t>(*p.batches_tracked) : static_cast<acc_t>(p.momentum);
