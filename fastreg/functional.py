@@ -1,7 +1,8 @@
 """fastreg's ops with the signatures of torch.nn.functional.
 
 Each call checks its arguments as torch does, asks fastreg._backend for the backend and
-runs the op there; autograd is registered on the ops themselves (fastreg/ops/).
+runs the op there; autograd is registered on the ops themselves, in C++ (csrc/autograd/;
+docs/architecture.md).
 Arguments fastreg's kernels do not take (integer or complex tensors, tensors on different
 devices, shapes or options torch rejects) go to torch's own function instead, which
 raises torch's error in torch's words and in torch's order of checks on every torch
