@@ -125,8 +125,11 @@ class Check:
         with open(self.log_path(name), "a") as log:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
+            # a pytest of our own (this script may itself run under pytest-xdist, whose worker
+            # variables would make the inner run's report plugin take itself for a worker)
+            inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
             process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **(env or {})}, start_new_session=True)
+                                       env={**inherited, **(env or {})}, start_new_session=True)
             try:
                 code = process.wait(timeout=max(timeout, 1))
             except subprocess.TimeoutExpired:

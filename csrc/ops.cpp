@@ -98,10 +98,26 @@ TORCH_LIBRARY(fastreg, m) {
       "norm_bwd", "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
       "Tensor? dh=None, Tensor? seed=None, float p=0.0) -> (Tensor, Tensor, Tensor, Tensor)");
 
-  // BatchNorm, in four steps (so SyncBatchNorm can reduce across ranks in between) over
-  // x of shape (N, C, S) with any strides, statistics per channel over N and S in
-  // float32 (float64 for float64 x); outputs keep the layout of x.
-  // (mean, biased variance) per channel; deterministic.
+  // BatchNorm over x of shape (N, C, *) with any strides (taken as (N, C, S)), statistics
+  // per channel over N and S in float32 (float64 for float64 x), y and dx in x's layout.
+  // Returns (y, mean, invstd): y = (x - mean) * invstd * weight + bias. training: mean and
+  // the biased variance behind invstd = 1 / sqrt(var + eps) are the batch's, and the running
+  // statistics (when given) take torch's update in place, running = (1 - momentum) * running
+  // + momentum * batch value, with the unbiased variance; batches_tracked (an int64 scalar on
+  // x's device, torch's num_batches_tracked) replaces momentum by 1 / batches_tracked, read
+  // on the device (momentum=None: a cumulative average). Else mean and invstd are those of
+  // the running statistics, which must be given. Deterministic.
+  def(
+      "bn_fwd", "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, Tensor? batches_tracked=None) -> (Tensor, Tensor, Tensor)");
+  // (dx, dweight, dbias) of bn_fwd, each computed when output_mask says so (else empty);
+  // dweight and dbias in weight's dtype (x's without weight). training: the gradient
+  // through the batch statistics. Deterministic.
+  def(
+      "bn_bwd", "(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool training, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The same BatchNorm in four steps over x (N, C, S), so SyncBatchNorm can reduce across
+  // ranks in between. (mean, biased variance) per channel; deterministic.
   def("bn_stats", "(Tensor x) -> (Tensor, Tensor)");
   // y = (x - mean) / sqrt(var + eps) * weight + bias
   def("bn_apply", "(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");

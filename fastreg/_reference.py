@@ -116,6 +116,44 @@ def _per_channel(t):
     return t[None, :, None]
 
 
+def _bn_ncs(x):
+    return x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
+
+
+def bn_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, batches_tracked=None):
+    """bn_fwd over x (N, C, *): (y, mean, invstd), differentiable by torch's autograd
+    through the batch statistics; the running statistics take torch's update in place."""
+    x3 = _bn_ncs(x)
+    if training:
+        mean, var = bn_stats(x3)
+        if running_mean is not None:
+            with torch.no_grad():
+                factor = 1.0 / batches_tracked if batches_tracked is not None else momentum
+                count = x3.shape[0] * x3.shape[2]
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype) * factor)
+                running_var.mul_(1 - factor).add_(unbiased.detach().to(running_var.dtype) * factor)
+    else:
+        mean, var = running_mean.to(_acc(x)), running_var.to(_acc(x))
+    y = bn_apply(x3, mean, var, weight, bias, eps).view(x.shape)
+    return y, mean.detach(), torch.rsqrt(var.detach() + eps)
+
+
+def bn_bwd(dy, x, weight, mean, invstd, training, output_mask):
+    """bn_bwd's contract: (dx, dweight, dbias), each empty where output_mask is False."""
+    x3, dy3 = _bn_ncs(x), _bn_ncs(dy)
+    acc = _acc(x)
+    var = invstd.to(acc).pow(-2)  # eps folded in: bn_bwd_* take var + eps with eps = 0
+    sum_dy, sum_dy_xhat = bn_bwd_reduce(dy3, x3, mean, var, 0.0)
+    count = x3.shape[0] * x3.shape[2]
+    sums = (sum_dy, sum_dy_xhat, count) if training else ()
+    dx = bn_bwd_apply(dy3, x3, mean, var, weight, 0.0, *sums).view(x.shape) if output_mask[0] else x.new_empty(0)
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dweight = sum_dy_xhat.to(param_dtype) if output_mask[1] else x.new_empty(0, dtype=param_dtype)
+    dbias = sum_dy.to(param_dtype) if output_mask[2] else x.new_empty(0, dtype=param_dtype)
+    return dx, dweight, dbias
+
+
 def bn_stats(x):
     """(mean, biased variance) per channel, two-pass."""
     v = x.to(_acc(x))

@@ -17,8 +17,9 @@ import warnings
 import torch
 import torch.nn.functional as torch_F
 
-from fastreg import _batch_norm, _reference, _rng
+from fastreg import _reference, _rng
 from fastreg._backend import choose_backend
+from fastreg.ops.batch_norm import BN_FWD
 from fastreg.ops.cross_entropy import CROSS_ENTROPY_FWD, LINEAR_CROSS_ENTROPY_FWD
 from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_
 from fastreg.ops.dropout import DROPOUT, DROPOUT_
@@ -322,16 +323,37 @@ keep_mask = _reference.keep_mask
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
     """torch.nn.functional.batch_norm: (N, C, *) in its own memory format, statistics in
-    float32, running statistics updated in place when training, deterministic backward."""
-    if (_torch_decides(input, running_mean, running_var, weight, bias) or input.dim() < 2 or input.numel() == 0
-            or eps < 0.0 or (training and eps <= 0.0) or (running_mean is None) != (running_var is None)
-            or (not training and running_mean is None)
-            or any(t is not None and t.numel() != input.shape[1] for t in (running_mean, running_var, weight, bias))):
+    float32, running statistics updated in place when training, deterministic backward.
+    One bn_fwd call (csrc/ops.cpp): statistics, running statistics and y."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm_runs(input, running_mean, running_var, weight, bias, training, eps) -> bool:
+    """Whether fastreg's kernels take these arguments (torch's checks pass, the batch is not
+    empty): in one pass, as this runs on every BatchNorm call."""
+    if (not input.is_floating_point() or input.dim() < 2 or eps < 0.0 or (training and eps <= 0.0)
+            or (running_mean is None) != (running_var is None) or (not training and running_mean is None)
+            or input.numel() == 0):
+        return False
+    device, channels = input.device, input.shape[1]
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.device != device or t.numel() != channels or not t.is_floating_point()):
+            return False
+    return True
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, batches_tracked=None):
+    """batch_norm; with batches_tracked (a module's num_batches_tracked, momentum=None) the
+    running statistics take the cumulative average, 1 / batches_tracked read on the device."""
+    if not _batch_norm_runs(input, running_mean, running_var, weight, bias, training, eps):
         # torch's errors; an empty batch: torch's result (running statistics left as they are)
+        if batches_tracked is not None:
+            momentum = 1.0 / float(batches_tracked)
         return torch_F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if training:
+    if training and input.numel() == input.shape[1]:  # one value per channel: torch's error
         torch_F._verify_batch_size(input.size())
-    return _batch_norm.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return BN_FWD[choose_backend(input.device.type)](input, weight, bias, running_mean, running_var, training, momentum,
+                                                     eps, batches_tracked)[0]
 
 
 # ------------------------------------------------------------ GroupNorm / InstanceNorm

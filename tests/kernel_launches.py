@@ -172,9 +172,28 @@ def _batch_norm(shape, x, layout):
     return call
 
 
+def _batch_norm_fused(shape, x, layout, training=True):
+    """bn_fwd (running statistics, float32 parameters) and bn_bwd with every gradient."""
+    def call(device):
+        N, C, S = shape
+        if layout == "channels_last":
+            t = torch.empty((N, S, C), dtype=DTYPES[x], device=device).transpose(1, 2)
+        else:
+            t = torch.empty((N, C, S), dtype=DTYPES[x], device=device)
+        acc = torch.float64 if x == "fp64" else torch.float32
+        weight, bias, running_mean, running_var = (torch.empty(C, dtype=acc, device=device) for _ in range(4))
+        y, mean, invstd = batch_norm.bn_fwd(t, weight, bias, running_mean, running_var, training, 0.1, 1e-5)
+        batch_norm.bn_bwd(torch.empty_like(y), t, weight, mean, invstd, training, [True, True, True])
+    return call
+
+
 BATCH_NORM = {
     **{f"batch_norm-{x}-{layout}": _batch_norm((32, 64, 56 * 56), x, layout)
        for x in DTYPES for layout in ("contiguous", "channels_last")},
+    **{f"batch_norm_fused-{x}-{layout}": _batch_norm_fused((32, 64, 56 * 56), x, layout)
+       for x in DTYPES for layout in ("contiguous", "channels_last")},
+    **{f"batch_norm_fused-eval-{x}": _batch_norm_fused((32, 64, 56 * 56), x, "channels_last", training=False)
+       for x in ("fp32", "bf16")},
 }
 
 CALLS = {**DROPOUT, **NORM, **GROUP_NORM, **BATCH_NORM}

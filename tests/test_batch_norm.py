@@ -6,7 +6,7 @@ import torch
 
 import fastreg
 from fastreg import functional as F
-from tests.conftest import GPU
+from tests.conftest import GPU, skip_unless_runs
 
 # Per-dtype tolerances against torch (same dtype). Backward sums over N * S values per
 # channel: dweight / dbias get the atol times sqrt of that count.
@@ -190,9 +190,108 @@ def test_modules_are_drop_ins():
     assert bn.num_batches_tracked == 0 and torch.equal(bn.running_var, torch.ones(6))
 
 
+# --------------------------------------------------- launches per step (triton backend)
+
+
+def _launch_case(module, shape, memory_format=None, params_grad=True):
+    """A fastreg.bench.host case: forward of `module` on a fresh x, backward to x (and to
+    the parameters when params_grad)."""
+    from fastreg.bench import host
+
+    def make(library, device):
+        x = _input(shape, memory_format, device, torch.float32).requires_grad_()
+        params = [p for p in module.parameters() if p.requires_grad] if params_grad else []
+        grad = torch.randn(shape, device=device)
+        return (lambda: module(x)), (lambda y: torch.autograd.grad(y, [x] + params, grad))
+
+    return host.HostCase("batch_norm", make)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("shape", [(4, 64), (4, 64, 8, 8)], ids=["one-program", "split"])
+def test_launches_per_step(training, shape):
+    """training: the counter's add_ (torch's too), the statistics and the apply (running
+    statistics folded in): <= 3 forward, sums and dx: <= 3 backward; one launch each way
+    when a program covers all positions. eval: one forward, one backward for dx."""
+    from fastreg.bench import host
+
+    device = skip_unless_runs("triton")
+    module = (fastreg.nn.BatchNorm1d(64) if len(shape) == 2 else fastreg.nn.BatchNorm2d(64)).to(device)
+    module.train(training)
+    split = len(shape) == 4
+    with fastreg.use_backend("triton"):
+        fwd, bwd, fwd_counter, bwd_counter = host.launches(_launch_case(module, shape, params_grad=not split), device)
+    launched = (fwd_counter.torch_ops, fwd_counter.triton_launches, bwd_counter.torch_ops, bwd_counter.triton_launches)
+    if training:
+        assert fwd_counter.torch_ops == ["aten.add_.Tensor"], launched  # num_batches_tracked
+        assert fwd_counter.triton_launches == (["_bn_partial_sums_kernel", "_bn_fwd_kernel"] if split
+                                               else ["_bn_fwd_kernel"]), launched
+        assert bwd_counter.triton_launches == (["_bn_partial_sums_kernel", "_bn_bwd_kernel"] if split
+                                               else ["_bn_bwd_kernel"]), launched
+    else:
+        assert fwd_counter.triton_launches == ["_bn_fwd_kernel"], launched
+        assert bwd_counter.triton_launches == ["_bn_bwd_kernel"], launched
+    assert bwd_counter.torch_ops == [], launched
+    assert fwd <= (3 if training else 1) and bwd <= (3 if training else 1), launched
+
+
 # --------------------------------------------------- opcheck, gradcheck, torch.compile
 
 BN_OPS = ("bn_stats", "bn_apply", "bn_bwd_reduce", "bn_bwd_apply")
+
+
+def _fused_samples(device):
+    """(bn_fwd args, bn_bwd args) over layouts, affine options, training / eval, momentum /
+    batches_tracked."""
+    samples = []
+    for x in (torch.randn(4, 5, 6, device=device), torch.randn(4, 6, 3, 5, device=device).permute(0, 3, 1, 2),
+              torch.randn(6, 5, device=device)):
+        w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+        for training in (True, False):
+            for weight, bias, running, counter in ((w, b, True, None), (None, None, False, None), (w, None, True, 3),
+                                                   (None, b, True, None)):
+                if not training and not running:
+                    continue
+                stats = (torch.randn(5, device=device), torch.rand(5, device=device) + 0.5) if running else (None, None)
+                batches = torch.tensor(counter, device=device) if counter is not None else None
+                fwd_args = (x, weight, bias, *stats, training, 0.1, 1e-5, batches)
+                samples.append((fwd_args, (torch.randn_like(x), x, weight, training)))
+    return samples
+
+
+def test_fused_ops_opcheck(kernel_backend):
+    name, device = kernel_backend
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if GPU or name != "triton":
+        utils += ("test_aot_dispatch_dynamic",)
+    suffix = "_triton" if name == "triton" else ""
+    fwd, bwd = getattr(torch.ops.fastreg, "bn_fwd" + suffix).default, getattr(torch.ops.fastreg, "bn_bwd" + suffix).default
+    for fwd_args, (dy, x, weight, training) in _fused_samples(device):
+        torch.library.opcheck(fwd, fwd_args, test_utils=utils)
+        _, mean, invstd = fwd(*fwd_args)
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            torch.library.opcheck(bwd, (dy, x, weight, mean, invstd, training, mask), test_utils=utils)
+
+
+def test_fused_ops_match_the_reference(kernel_backend):
+    """bn_fwd / bn_bwd against fastreg/_reference.py: outputs, statistics, the running
+    statistics left behind, and each gradient (or the empty tensor output_mask asks for)."""
+    from fastreg import _reference
+
+    name, device = kernel_backend
+    suffix = "_triton" if name == "triton" else ""
+    fwd, bwd = getattr(torch.ops.fastreg, "bn_fwd" + suffix).default, getattr(torch.ops.fastreg, "bn_bwd" + suffix).default
+    for fwd_args, (dy, x, weight, training) in _fused_samples(device):
+        clone = [a.clone() if torch.is_tensor(a) else a for a in fwd_args]
+        got, expected = fwd(*fwd_args), _reference.bn_fwd(*clone)
+        for a, b in zip(list(got) + list(fwd_args[3:5]), list(expected) + clone[3:5]):
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert got[0].stride() == x.stride() or not x.is_contiguous()
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            args = (dy, x, weight, got[1], got[2], training, mask)
+            for a, b in zip(bwd(*args), _reference.bn_bwd(*args)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_opcheck(kernel_backend):
@@ -215,18 +314,24 @@ def test_opcheck(kernel_backend):
         torch.library.opcheck(bwd_apply, (dy, x, mean, var, None, 1e-5), test_utils=utils)
 
 
+@pytest.mark.parametrize("affine", ["weight+bias", "bias", "none"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
-def test_gradcheck_fp64(backend, training):
+def test_gradcheck_fp64(backend, training, affine):
     name, device = backend
     x = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
     w, b = (torch.randn(4, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    w = w if affine == "weight+bias" else None
+    b = b if affine != "none" else None
     running_mean = torch.randn(4, dtype=torch.float64, device=device)
     running_var = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    inputs = tuple(t for t in (x, w, b) if t is not None)
 
-    def fn(x, w, b):
-        return F.batch_norm(x, running_mean.clone(), running_var.clone(), w, b, training=training)
+    def fn(*args):
+        given = dict(zip(("x", "w", "b") if w is not None else ("x", "b"), args))
+        return F.batch_norm(given["x"], running_mean.clone(), running_var.clone(), given.get("w"), given.get("b"),
+                            training=training)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 class _ConvBlock(torch.nn.Module):

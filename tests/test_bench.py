@@ -43,8 +43,8 @@ def test_every_op_has_shapes_for_both_devices_and_a_complete_byte_model():
         if op.modes == LAYER_MODES:
             # a training forward may write more than an inference one (what backward reads)
             assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"] + op.bytes_per_element["bwd"]
-        if op.modes == LOSS_MODES:
-            assert op.bytes_per_element["fwd+bwd"] > op.bytes_per_element["fwd"]
+        if op.modes == LOSS_MODES:  # equal where backward moves nothing (gaussian_noise passes the gradient on)
+            assert op.bytes_per_element["fwd+bwd"] >= op.bytes_per_element["fwd"]
     # cross-entropy: 2E per logit and the int64 targets; the linear form reads input and weight,
     # writes their gradients, never the logits
     assert OPS["cross_entropy"].min_bytes("fwd+bwd", 64 * 10, torch.float32, (64, 10)) == 2 * 640 * 4 + 64 * 8

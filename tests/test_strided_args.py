@@ -96,14 +96,14 @@ IN_PLACE = {
                   lambda: dict(params=[_randn(4, 6), _randn(7)], grads=[_randn(4, 6), _randn(7)],
                                momentum_buffers=[_randn(4, 6), _randn(7)], masters=[], lr=0.1, momentum=0.9,
                                dampening=0.0, weight_decay=0.01, l1=0.001, max_norm=2.0, nesterov=True,
-                               maximize=False, first_step=False, inv_grad_scale=0.5)),
+                               maximize=False, first_step=False, grad_scale=torch.tensor(2.0))),
     "adam_step_": ("adam_step_", "optim", "adam_step_",
                    lambda: dict(params=[_randn(4, 6), _randn(7)], grads=[_randn(4, 6), _randn(7)],
                                 exp_avgs=[_randn(4, 6), _randn(7)], exp_avg_sqs=[torch.rand(4, 6), torch.rand(7)],
-                                max_exp_avg_sqs=[torch.rand(4, 6) + 1, torch.rand(7) + 1], masters=[], lr=0.01,
-                                beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, l1=0.0,
-                                max_norm=0.0, maximize=False, bias_correction1=0.19, bias_correction2=0.0297,
-                                inv_grad_scale=1.0)),
+                                max_exp_avg_sqs=[torch.rand(4, 6) + 1, torch.rand(7) + 1], masters=[],
+                                steps=[torch.tensor(1.0), torch.tensor(1.0)], lr=0.01, beta1=0.9, beta2=0.99,
+                                eps=1e-8, weight_decay=0.1, decoupled=True, l1=0.0, max_norm=0.0, maximize=False,
+                                grad_scale=torch.tensor(1.0))),
 }
 
 

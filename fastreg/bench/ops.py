@@ -453,8 +453,9 @@ OPS = {
         ),
         BenchOp(
             name="gaussian_noise",
-            # backward passes the gradient through (no kernel, for torch too)
-            bytes_per_element={"fwd": 2, "bwd": 0, "fwd+bwd": 2},
+            # backward passes the gradient through (no kernel, for torch too): no bwd mode
+            bytes_per_element={"fwd": 2, "fwd+bwd": 2},
+            modes=LOSS_MODES,
             shapes=NOISE_SHAPES,
             fastreg_fn=lambda x: fastreg.functional.gaussian_noise(x, NOISE_STD),
             torch_fn=lambda x: x + NOISE_STD * torch.randn_like(x),

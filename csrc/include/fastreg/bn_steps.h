@@ -1,5 +1,5 @@
 #pragma once
-// The four BatchNorm steps of csrc/ops.cpp, shared by the CPU and CUDA registrations:
+// The fused BatchNorm ops' layout and argument checks, and the four BatchNorm steps of csrc/ops.cpp, shared by the CPU and CUDA registrations:
 // argument checks and the per-channel coefficients (C values, computed with ATen ops)
 // here; the two device kernels, passed in, do the per-element work:
 //   partial_sums(x, shift, dy or nullptr) -> (A, B) per channel: with d = x - shift[c],
@@ -8,9 +8,78 @@
 //       dtype and strides: (x - mean[c]) * coef_x[c] + coef_one[c] (+ dy * coef_dy[c])
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "fastreg/norm_args.h"
 
 namespace fastreg {
+
+// x (N, C, *spatial) addressed as (N, C, S) through three strides, without a view
+// tensor: the spatial dims must collapse into one stride (any dense layout does; size-1
+// dims are skipped).
+struct Ncs {
+  int64_t N, C, S;
+  int64_t sn, sc, ss;
+};
+
+inline std::optional<Ncs> ncs_of(const at::Tensor& x) {
+  Ncs v{x.size(0), x.size(1), 1, x.stride(0), x.stride(1), 1};
+  int64_t inner_stride = -1, inner_size = 1;  // the last spatial dim of size > 1 seen so far
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    const int64_t size = x.size(d);
+    v.S *= size;
+    if (size == 1) continue;
+    if (inner_stride < 0) {
+      v.ss = x.stride(d);
+    } else if (x.stride(d) != inner_stride * inner_size) {
+      return std::nullopt;
+    }
+    inner_stride = x.stride(d);
+    inner_size = size;
+  }
+  return v;
+}
+
+// x itself where its spatial dims collapse, else a contiguous copy (which does).
+inline at::Tensor collapsible(const at::Tensor& x) { return ncs_of(x).has_value() ? x : x.contiguous(); }
+
+// bn_fwd's checks (the Python API has made torch's; these guard direct calls).
+inline void check_bn_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var, bool training,
+                              const std::optional<at::Tensor>& batches_tracked) {
+  TORCH_CHECK(x.dim() >= 2, "fastreg::bn_fwd: 'x' must be (N, C, *), got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fastreg::bn_fwd: expected a floating-point 'x'");
+  for (const auto* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->numel() == x.size(1) && (*t)->device() == x.device() &&
+                      at::isFloatingType((*t)->scalar_type()),
+                  "fastreg::bn_fwd: 'weight', 'bias' and the running statistics must have x.size(1) = ", x.size(1),
+                  " floating-point elements on x's device");
+    }
+  }
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
+              "fastreg::bn_fwd: eval needs the running statistics");
+  if (batches_tracked.has_value()) {
+    TORCH_CHECK(batches_tracked->numel() == 1 && batches_tracked->device() == x.device(),
+                "fastreg::bn_fwd: 'batches_tracked' must be a scalar on x's device");
+  }
+}
+
+inline void check_bn_bwd_args(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const at::Tensor& mean, const at::Tensor& invstd) {
+  TORCH_CHECK(x.dim() >= 2 && at::isFloatingType(x.scalar_type()),
+              "fastreg::bn_bwd: 'x' must be a floating-point (N, C, *) tensor");
+  TORCH_CHECK(dy.sizes() == x.sizes(), "fastreg::bn_bwd: 'dy' must have x's shape");
+  TORCH_CHECK(mean.numel() == x.size(1) && invstd.numel() == x.size(1) &&
+                  (!weight.has_value() || weight->numel() == x.size(1)),
+              "fastreg::bn_bwd: 'weight', 'mean' and 'invstd' must have x.size(1) elements");
+}
+
+// The dtype of dweight and dbias: weight's (x's without weight).
+inline at::ScalarType bn_param_dtype(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? weight->scalar_type() : x.scalar_type();
+}
 
 inline void check_ncs(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, "fastreg::bn: '", name, "' must be 3-D (N, C, S), got ", x.dim(), "-D");
