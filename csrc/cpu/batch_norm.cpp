@@ -17,6 +17,7 @@
 
 #include "fastreg/bn_steps.h"
 #include "fastreg/welford.h"
+#include "parallel.h"
 
 namespace fastreg {
 namespace {
@@ -40,7 +41,7 @@ void channel_sums(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Nc
   const int64_t per_chunk = rows_per_chunk(units, kMaxChunks);
   const int64_t chunks = units == 0 ? 1 : (units + per_chunk - 1) / per_chunk;
   std::vector<acc_t> partial(chunks * 2 * C, acc_t(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, grain_for(per_chunk * (by_positions ? C : C * S)), [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       acc_t* a = partial.data() + chunk * 2 * C;
       acc_t* b = a + C;

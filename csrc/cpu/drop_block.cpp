@@ -19,6 +19,7 @@
 
 #include "fastreg/drop_block.h"
 #include "fastreg/philox.h"
+#include "parallel.h"
 #include "vectorize.h"
 
 namespace fastreg {
@@ -131,7 +132,7 @@ int64_t build_mask(const DropBlockGeometry& g, uint64_t seed, uint64_t threshold
     });
   } else if (!g.channels_last) {
     // shared mask, contiguous: the sample's plane once, its bits copied to the C rows
-    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N, grain_for(g.C * S), [&](int64_t begin, int64_t end) {
       PlaneMasker plane_drop(g, seed, threshold);
       for (int64_t n = begin; n < end; ++n) {
         uint8_t* first_row = mask + n * g.C * row_bytes;
@@ -146,7 +147,7 @@ int64_t build_mask(const DropBlockGeometry& g, uint64_t seed, uint64_t threshold
     // channels-last: a row is a sample, element s * C + c; drop bytes gathered in that order,
     // kChannelBlock planes at a time (each position's bytes of a block written together)
     constexpr int64_t kChannelBlock = 16;
-    at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N, grain_for(g.C * S), [&](int64_t begin, int64_t end) {
       PlaneMasker plane_drop(g, seed, threshold);
       std::vector<uint8_t> sample_drop(L), block_drop(kChannelBlock * S);
       for (int64_t n = begin; n < end; ++n) {

@@ -21,6 +21,7 @@
 
 #include "fastreg/gn_steps.h"
 #include "fastreg/welford.h"
+#include "parallel.h"
 #include "vectorize.h"
 
 namespace fastreg {
@@ -368,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
       using acc_t = acc_type<scalar_t>;
       const auto a = gn_fwd_params<scalar_t>(in, w, b, silu, eps, y, mean, rstd);
       if (in.channels_last) {
-        at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, in.N, grain_for(in.C * in.S), [&](int64_t begin, int64_t end) {
           ChannelArrays<acc_t> arrays(6, in.C);
           for (int64_t n = begin; n < end; ++n) fwd_sample(a, n, arrays);
         });
@@ -405,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_i
       using acc_t = acc_type<scalar_t>;
       const auto a = gn_bwd_params<scalar_t>(in, w, b, silu, dy, dx, mean, rstd, sum_g, sum_gxhat);
       if (in.channels_last) {
-        at::parallel_for(0, in.N, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, in.N, grain_for(in.C * in.S), [&](int64_t begin, int64_t end) {
           ChannelArrays<acc_t> arrays(7, in.C);
           std::vector<acc_t> g_scratch(silu ? in.S * in.C : 0);
           for (int64_t n = begin; n < end; ++n) bwd_sample(a, n, arrays, g_scratch.data());

@@ -12,6 +12,7 @@
 #include "fastreg/norm_args.h"
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
+#include "parallel.h"
 #include "vectorize.h"
 
 namespace fastreg {
@@ -215,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       const auto a = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
-      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      at::parallel_for(0, chunks, grain_for(chunk_rows * n), [&](int64_t chunk_begin, int64_t chunk_end) {
         const bool convert = !std::is_same_v<scalar_t, acc_t>;
         std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
         for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
