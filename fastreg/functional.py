@@ -47,7 +47,10 @@ def _torch_decides(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
     if not first.is_floating_point():
         return True
     device = first.device
-    return any(t is not None and (not t.is_floating_point() or t.device != device) for t in others)
+    for t in others:  # a loop, not any(<generator>): this runs on every call
+        if t is not None and (not t.is_floating_point() or t.device != device):
+            return True
+    return False
 
 
 def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
@@ -208,12 +211,17 @@ def _norm_shape(x, normalized_shape, weight, bias):
                 tuple(map(operator.index, normalized_shape))
         except TypeError:
             return None
-    if _torch_decides(x, weight, bias) or not shape or x.dim() < len(shape) or \
-            x.shape[x.dim() - len(shape):] != shape:
+        if not shape:
+            return None
+    x_shape = x.shape
+    if len(shape) == 1:  # the common case, without slicing torch.Size
+        if not x_shape or x_shape[-1] != shape[0]:
+            return None
+    elif len(x_shape) < len(shape) or x_shape[len(x_shape) - len(shape):] != shape:
         return None
     if weight is not None and weight.shape != shape or bias is not None and bias.shape != shape:
         return None
-    return shape
+    return None if _torch_decides(x, weight, bias) else shape
 
 
 def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=False,
