@@ -12,6 +12,8 @@ saying why.
 """
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
 
@@ -52,6 +54,24 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _interpreter_numpy_clash() -> str | None:
+    """Triton's interpreter before 3.7 holds a kernel's scalars as 1-element numpy arrays, and
+    numpy 2.4 no longer converts those to Python numbers: every kernel with a loop over a
+    runtime bound then fails ("only 0-dimensional arrays can be converted to Python scalars")."""
+    try:
+        triton_version = importlib.metadata.version("triton")
+        numpy_version = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    def major_minor(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter does not run with numpy {numpy_version}: "
+                "install numpy<2.4 (or triton>=3.7)")
+    return None
+
+
 def _why_not(name: str, device_type: str) -> str | None:
     """None if backend `name` can run tensors on `device_type` here, else the reason."""
     if device_type not in ("cpu", "cuda"):
@@ -63,6 +83,8 @@ def _why_not(name: str, device_type: str) -> str | None:
             return "triton is not installed (pip install triton)"
         if device_type == "cpu" and not _triton_interpreted():
             return "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before importing triton"
+        if _triton_interpreted() and _interpreter_numpy_clash():
+            return _interpreter_numpy_clash()
         if device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
     if not _ext.loaded():

@@ -336,10 +336,24 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
+def _torch_takes_eval_eps_zero() -> bool:
+    """Whether the installed torch's batch_norm takes eps=0 in eval mode (2.11 asks eps > 0
+    in both modes; later torches only in training)."""
+    try:
+        torch_F.batch_norm(torch.ones(1, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+_EVAL_EPS_ZERO_OK = _torch_takes_eval_eps_zero()
+
+
 def _batch_norm_runs(input, running_mean, running_var, weight, bias, training, eps) -> bool:
     """Whether fastreg's kernels take these arguments (torch's checks pass, the batch is not
     empty): in one pass, as this runs on every BatchNorm call."""
-    if (not input.is_floating_point() or input.dim() < 2 or eps < 0.0 or (training and eps <= 0.0)
+    if (not input.is_floating_point() or input.dim() < 2 or eps < 0.0
+            or (eps == 0.0 and (training or not _EVAL_EPS_ZERO_OK))
             or (running_mean is None) != (running_var is None) or (not training and running_mean is None)
             or input.numel() == 0):
         return False

@@ -183,10 +183,20 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
         pytest.skip(reason)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(root, "examples", "distributed_example.py"), "--steps", "3", "--checkpoint-dir", str(tmp_path),
-         "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=root)
+
+    def run(attempt):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             os.path.join(root, "examples", "distributed_example.py"), "--steps", "3",
+             "--checkpoint-dir", str(tmp_path / f"attempt{attempt}"), "--device", "cpu"],
+            capture_output=True, text=True, env=env, timeout=300, cwd=root)
+
+    result = run(0)
+    # Once in many runs on a loaded machine, a rank aborts in gloo's teardown after all the
+    # work is done and checked ("terminate called without an active exception", from a
+    # joinable C++ thread destroyed at exit; torch's, not fastreg's). Only that is retried, once.
+    if (result.returncode != 0 and "resumed from the checkpoint" in result.stdout
+            and "terminate called without an active exception" in result.stdout + result.stderr):
+        result = run(1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from the checkpoint" in result.stdout, result.stdout

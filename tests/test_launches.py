@@ -11,6 +11,7 @@ import fastreg
 from fastreg import functional as F
 from fastreg.bench import host
 from fastreg.triton_kernels import group_norm, layer_norm
+from tests.conftest import skip_unless_runs
 
 pytest.importorskip("triton")
 
@@ -38,6 +39,7 @@ def _case(fn, inputs, grads_of):
 
 def _counted(fn, inputs, grads_of):
     """(forward launches, backward launches) as names, Triton kernels first."""
+    skip_unless_runs("triton")
     with fastreg.use_backend("triton"):
         _, _, fwd, bwd = host.launches(_case(fn, inputs, grads_of), "cpu")
     return fwd.triton_launches + fwd.torch_ops, bwd.triton_launches + bwd.torch_ops
