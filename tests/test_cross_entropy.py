@@ -512,6 +512,23 @@ def test_linear_chunks_give_the_same_result(kernel_backend, chunk):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens,hidden,classes,element_size,expected", [
+    (4096, 1024, 32768, 4, 128),     # the bench's shape: a buffer the input's size, 16 MiB
+    (100, 64, 1000, 4, 32),          # at least 32 tokens
+    (4096, 4096, 1000, 4, 820),      # V < H: at most a fifth of the tokens
+    (1 << 20, 4096, 131072, 2, 1024),  # at most 256 MiB of logits
+    (5, 8, 3, 4, 5),                 # never more than the tokens
+])
+def test_linear_chunk_rule(tokens, hidden, classes, element_size, expected):
+    """The triton backend's chunk rule (the C++ backends' linear_chunk_rows is the same)."""
+    from fastreg.triton_kernels.cross_entropy import linear_chunk_tokens
+
+    rows = linear_chunk_tokens(tokens, hidden, classes, element_size)
+    assert rows == expected
+    if tokens >= 5 * 32:  # the buffer holds at most a fifth of the logits (rounded up)
+        assert rows <= -(-tokens // 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_low_precision(backend, dtype):
     """float16/bfloat16: the logits as the unfused F.linear rounds them, float32 math after;

@@ -28,8 +28,8 @@ import triton.language as tl
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2  # torch's enum
 MAX_TILE = 4096  # logits per program per class block (BLOCK_C * BLOCK_S)
-# tokens per chunk of linear_cross_entropy: at least LINEAR_CHUNK_PARTS equal chunks of at most
-# LINEAR_CHUNK_BYTES of logits, at least LINEAR_CHUNK_MIN_TOKENS tokens
+# tokens per chunk of linear_cross_entropy (linear_chunk_tokens): at most 1/LINEAR_CHUNK_PARTS
+# of the tokens and LINEAR_CHUNK_BYTES of logits, in multiples of LINEAR_CHUNK_MIN_TOKENS
 LINEAR_CHUNK_BYTES, LINEAR_CHUNK_PARTS, LINEAR_CHUNK_MIN_TOKENS = 256 << 20, 5, 32
 
 
@@ -292,11 +292,15 @@ def cross_entropy_bwd_(grad, grad_loss):
         _scale_kernel[(triton.cdiv(grad.numel(), block),)](grad, grad_loss, grad.numel(), BLOCK=block)
 
 
-def linear_chunk_tokens(tokens, classes, element_size):
-    """Tokens per chunk: equal chunks, at least LINEAR_CHUNK_PARTS of them (the buffer of a
-    chunk's logits is at most 1/5 of the whole logits), each at most LINEAR_CHUNK_BYTES."""
-    parts = max(LINEAR_CHUNK_PARTS, -(-tokens * classes * element_size // LINEAR_CHUNK_BYTES))
-    return max(1, min(max(-(-tokens // parts), LINEAR_CHUNK_MIN_TOKENS), tokens))
+def linear_chunk_tokens(tokens, hidden, classes, element_size):
+    """Tokens per chunk: as many as make the chunk's (rows, V) logits the size of the (T, H)
+    input (with V >> H a buffer small enough to stay in cache between the row pass and the
+    matmuls after it), rounded up to a multiple of LINEAR_CHUNK_MIN_TOKENS, capped as above."""
+    step = LINEAR_CHUNK_MIN_TOKENS
+    input_sized = -(-tokens * hidden // max(classes, 1))  # ceil
+    rows = -(-input_sized // step) * step
+    rows = min(rows, -(-tokens // LINEAR_CHUNK_PARTS), LINEAR_CHUNK_BYTES // max(classes * element_size, 1))
+    return max(1, min(max(rows, step), tokens))
 
 
 def linear_cross_entropy_fwd(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
@@ -305,7 +309,7 @@ def linear_cross_entropy_fwd(input, linear_weight, linear_bias, target, weight, 
     """cross_entropy_fwd of logits = input @ linear_weight^T + linear_bias, never holding them.
 
     input (T, H), linear_weight (V, H), linear_bias (V,) or None: one float dtype; target (T,)
-    int64; weight (V,) or None. Chunks of tokens (LINEAR_CHUNK_BYTES of logits each): the
+    int64; weight (V,) or None. Chunks of tokens (linear_chunk_tokens's rows each): the
     chunk's logits by torch.mm, turned into their gradient G in place by the row pass, then
     grad_input = G @ W, grad_weight += G^T @ x and grad_bias += sum of G's rows, accumulated
     in float32 (float64). grad_loss (T,): per-token multipliers of the gradients (the
@@ -332,7 +336,7 @@ def linear_cross_entropy_fwd(input, linear_weight, linear_bias, target, weight, 
     if chunk_tokens > 0:
         chunk = min(chunk_tokens, max(T, 1))
     else:
-        chunk = linear_chunk_tokens(T, V, input.element_size())
+        chunk = linear_chunk_tokens(T, H, V, input.element_size())
     buffer = input.new_empty((chunk if T > 0 else 0, V))
     for start in range(0, T, chunk):
         rows = min(chunk, T - start)

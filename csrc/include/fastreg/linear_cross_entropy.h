@@ -16,20 +16,22 @@
 
 namespace fastreg {
 
-// Tokens per chunk: the tokens in at least kLinearChunkParts equal chunks (so the buffer is at
-// most 1/5 of the logits avoided) of at most kLinearChunkBytes of logits, at least 32 tokens
-// (a matmul's worth of rows). Fewer, larger chunks keep the matmuls near the speed of one
-// whole-size matmul (each call packs the weight again). fp32 at (4096 tokens, V = 32768):
-// 5 chunks of 820 tokens, 102 MiB.
+// Tokens per chunk: as many as make the chunk's (rows, V) logits buffer the size of the
+// (T, H) input (T * H / V rows: with V >> H, a buffer a few MiB big that the row pass and the
+// two matmuls after it find in cache), in multiples of 32 tokens (a matmul's worth of rows),
+// and at most 1/kLinearChunkParts of the tokens and kLinearChunkBytes of logits.
+// fp32 at (4096 tokens, H = 1024, V = 32768): 32 chunks of 128 tokens, 16 MiB.
 constexpr int64_t kLinearChunkBytes = int64_t(256) << 20;
 constexpr int64_t kLinearChunkParts = 5;
 constexpr int64_t kLinearChunkMinTokens = 32;
 
-inline int64_t linear_chunk_rows(int64_t tokens, int64_t classes, int64_t element_size) {
-  const int64_t bytes = tokens * classes * element_size;
-  const int64_t parts = std::max(kLinearChunkParts, (bytes + kLinearChunkBytes - 1) / kLinearChunkBytes);
-  const int64_t rows = std::max((tokens + parts - 1) / parts, kLinearChunkMinTokens);
-  return std::clamp<int64_t>(rows, 1, std::max<int64_t>(tokens, 1));
+inline int64_t linear_chunk_rows(int64_t tokens, int64_t hidden, int64_t classes, int64_t element_size) {
+  const int64_t step = kLinearChunkMinTokens;
+  const int64_t input_sized = (tokens * hidden + classes - 1) / std::max<int64_t>(classes, 1);
+  int64_t rows = (input_sized + step - 1) / step * step;
+  rows = std::min({rows, (tokens + kLinearChunkParts - 1) / kLinearChunkParts,
+                   kLinearChunkBytes / std::max<int64_t>(classes * element_size, 1)});
+  return std::clamp<int64_t>(std::max(rows, step), 1, std::max<int64_t>(tokens, 1));
 }
 
 inline void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& linear_weight,
@@ -98,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor d_bias = grad_bias ? at::zeros({V}, acc) : at::empty({0}, input.options());
   TORCH_CHECK(chunk_tokens >= 0, "fastreg::linear_cross_entropy_fwd: chunk_tokens must be >= 0");
   const int64_t chunk = chunk_tokens > 0 ? std::min(chunk_tokens, std::max<int64_t>(T, 1))
-                                         : linear_chunk_rows(T, V, input.element_size());
+                                         : linear_chunk_rows(T, H, V, input.element_size());
   at::Tensor buffer = at::empty({T > 0 ? chunk : 0, V}, input.options());
   const at::Tensor weight_t = linear_weight.t();
   for (int64_t start = 0; start < T; start += chunk) {
