@@ -64,8 +64,10 @@ def _interpreter_numpy_clash() -> str | None:
         numpy_version = importlib.metadata.version("numpy")
     except importlib.metadata.PackageNotFoundError:
         return None
+
     def major_minor(version: str) -> tuple[int, ...]:
         return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
     if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
         return (f"triton {triton_version}'s interpreter does not run with numpy {numpy_version}: "
                 "install numpy<2.4 (or triton>=3.7)")
@@ -83,8 +85,8 @@ def _why_not(name: str, device_type: str) -> str | None:
             return "triton is not installed (pip install triton)"
         if device_type == "cpu" and not _triton_interpreted():
             return "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before importing triton"
-        if _triton_interpreted() and _interpreter_numpy_clash():
-            return _interpreter_numpy_clash()
+        if _triton_interpreted() and (clash := _interpreter_numpy_clash()) is not None:
+            return clash
         if device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
     if not _ext.loaded():

@@ -39,9 +39,10 @@ BACKEND_DEVICE = {
 KERNEL_BACKENDS = ("triton", "cuda", "cpu")
 
 
-def skip_unless_runs(backend: str) -> str:
-    """The device for `backend`, or skip the test saying why the backend cannot run here."""
-    device = BACKEND_DEVICE[backend]
+def skip_unless_runs(backend: str, device: str | None = None) -> str:
+    """The device for `backend` (its own, or `device`), or skip the test saying why the
+    backend cannot run tensors there."""
+    device = device or BACKEND_DEVICE[backend]
     reason = fastreg._backend._why_not(backend, device)
     if reason is not None:
         pytest.skip(f"backend {backend!r} cannot run here: {reason}")

@@ -10,6 +10,7 @@ import torch
 
 from fastreg.bench.__main__ import main
 from fastreg.bench.ops import LAYER_MODES, LOSS_MODES, OPS, STEP_MODES
+from tests.conftest import skip_unless_runs
 
 
 @pytest.mark.parametrize("op, shape, text", [("dropout", [4096], "4,096"),
@@ -100,8 +101,7 @@ def test_launch_counter_sees_triton_launches_and_torch_kernels_not_views():
     from fastreg.bench import host
 
     case = next(c for c in host.CASES if c.name.startswith("dropout fwd+bwd"))
-    if fastreg._backend._why_not("triton", "cpu") is not None:
-        pytest.skip(f"triton cannot run here: {fastreg._backend._why_not('triton', 'cpu')}")
+    skip_unless_runs("triton", "cpu")
     with fastreg.use_backend("triton"):
         fwd, bwd, fwd_counter, bwd_counter = host.launches(case, "cpu")
     assert fwd_counter.triton_launches == ["_dropout_kernel"] and fwd_counter.torch_ops == ["aten.randint.low"]

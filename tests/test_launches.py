@@ -39,7 +39,7 @@ def _case(fn, inputs, grads_of):
 
 def _counted(fn, inputs, grads_of):
     """(forward launches, backward launches) as names, Triton kernels first."""
-    skip_unless_runs("triton")
+    skip_unless_runs("triton", "cpu")
     with fastreg.use_backend("triton"):
         _, _, fwd, bwd = host.launches(_case(fn, inputs, grads_of), "cpu")
     return fwd.triton_launches + fwd.torch_ops, bwd.triton_launches + bwd.torch_ops
