@@ -46,11 +46,29 @@ def _torch_decides(first: torch.Tensor, *others: torch.Tensor | None) -> bool:
     what torch's function does with the same arguments."""
     if not first.is_floating_point():
         return True
+    # loops, not any(<generator>), and no torch.device objects for CPU and CUDA tensors:
+    # this runs on every call, and a small layer's call is mostly host time
+    if first.is_cpu:
+        for t in others:
+            if t is not None and not (t.is_cpu and t.is_floating_point()):
+                return True
+        return False
+    if first.is_cuda:
+        index = first.get_device()
+        for t in others:
+            if t is not None and not (t.is_cuda and t.get_device() == index and t.is_floating_point()):
+                return True
+        return False
     device = first.device
-    for t in others:  # a loop, not any(<generator>): this runs on every call
+    for t in others:
         if t is not None and (not t.is_floating_point() or t.device != device):
             return True
     return False
+
+
+def _backend_for(t: torch.Tensor) -> str:
+    """The backend for t's device (fastreg._backend decides), without building a torch.device."""
+    return choose_backend("cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type)
 
 
 def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
@@ -61,7 +79,7 @@ def _check_floating(name: str, tensor: torch.Tensor, op: str) -> None:
 
 def _masked(x: torch.Tensor, p: float, inplace: bool, inner: int, op: str) -> torch.Tensor:
     """x * keep / (1 - p) with one draw per `inner` consecutive elements (mask-free)."""
-    backend = choose_backend(x.device.type)
+    backend = _backend_for(x)
     seed = _rng.new_seed(x.device)
     if not inplace:
         return DROPOUT[backend](x, seed, p, 0, inner)
@@ -189,7 +207,7 @@ def dropout_add(
         )
     if x.numel() == 0:  # nothing to draw; bias still in the graph (a zero gradient, as torch's)
         return residual + (x if bias is None else x + bias)
-    backend = choose_backend(x.device.type)
+    backend = _backend_for(x)
     if training:
         seed = _rng.new_seed(x.device)
     else:  # the same fused pass with nothing dropped; eval leaves the RNG untouched
@@ -205,6 +223,8 @@ def _norm_shape(x, normalized_shape, weight, bias):
     checks of layer_norm / rms_norm pass), else None: torch's function then decides."""
     if type(normalized_shape) is int:
         shape = (normalized_shape,)
+    elif type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        shape = normalized_shape  # the common case, without the conversion below
     else:
         try:
             shape = (operator.index(normalized_shape),) if not hasattr(normalized_shape, "__iter__") else \
@@ -241,21 +261,23 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     if len(shape) > 1:
         weight = weight.reshape(-1) if weight is not None else None
         bias = bias.reshape(-1) if bias is not None else None
-    backend = choose_backend(x.device.type)
+    backend = _backend_for(x)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
+    if residual is None and seed is None:  # the plain norm: the op's fused arguments keep their defaults
+        y = NORM_FWD[backend](rows, weight, bias, float(eps), is_rms)[0]
+        if as_rows:
+            y = y.view_as(x)
+        return (y, x) if prenorm else y  # without residual or dropout, h is x
     # h is written only when it is returned or backward will need it
     store_h = prenorm or torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
-        or (residual is not None and residual.requires_grad))
+        or residual is not None and residual.requires_grad)
     y, h, _, _ = NORM_FWD[backend](rows, weight, bias, float(eps), is_rms, residual, seed,
                                    p if seed is not None else 0.0, residual_in_fp32, store_h)
     if as_rows:
         y = y.view_as(x)
     if not prenorm:
         return y
-    fused = residual is not None or seed is not None
-    if not fused:
-        return y, x  # without residual or dropout, h is x
     return y, h.view_as(x) if as_rows else h
 
 
@@ -374,7 +396,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return torch_F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if training and input.numel() == input.shape[1]:  # one value per channel: torch's error
         torch_F._verify_batch_size(input.size())
-    return BN_FWD[choose_backend(input.device.type)](input, weight, bias, running_mean, running_var, training, momentum,
+    return BN_FWD[_backend_for(input)](input, weight, bias, running_mean, running_var, training, momentum,
                                                      eps, batches_tracked)[0]
 
 
@@ -402,7 +424,7 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
         return torch_F.silu(y) if activation == "silu" else y
     if input.numel() == num_groups:  # one value per group: torch's error (no variance)
         torch_F._verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:]))
-    return GN_FWD[choose_backend(input.device.type)](input, weight, bias, num_groups, eps, activation == "silu")[0]
+    return GN_FWD[_backend_for(input)](input, weight, bias, num_groups, eps, activation == "silu")[0]
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats: bool = True,
@@ -419,7 +441,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     torch_F._verify_spatial_size(input.size())
     channels = input.shape[1]
-    y, mean, rstd = GN_FWD[choose_backend(input.device.type)](input, weight, bias, channels, eps, False)
+    y, mean, rstd = GN_FWD[_backend_for(input)](input, weight, bias, channels, eps, False)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():  # torch's update: per-sample statistics averaged over the batch
             if running_mean is not None:
@@ -448,7 +470,7 @@ def gaussian_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True)
     if not training or p == 0.0 or input.numel() == 0:
         return input
     _check_floating("input", input, "gaussian_dropout")
-    backend = choose_backend(input.device.type)
+    backend = _backend_for(input)
     return GAUSSIAN_NOISE[backend](input, _rng.new_seed(input.device), math.sqrt(p / (1.0 - p)), True, 0)
 
 
@@ -460,7 +482,7 @@ def gaussian_noise(input: torch.Tensor, std: float, training: bool = True) -> to
     if not training or std == 0.0 or input.numel() == 0:
         return input
     _check_floating("input", input, "gaussian_noise")
-    backend = choose_backend(input.device.type)
+    backend = _backend_for(input)
     return GAUSSIAN_NOISE[backend](input, _rng.new_seed(input.device), float(std), False, 0)
 
 
@@ -512,7 +534,7 @@ def _alpha_dropout(x: torch.Tensor, p: float, training: bool, inplace: bool, fea
     _check_floating("input", x, op)
     inner = x[0, 0].numel() if feature and p < 1.0 else 1  # one draw per (sample, channel)
     scale, keep_shift, drop_shift = _alpha_dropout_constants(p, x.dtype)
-    backend = choose_backend(x.device.type)
+    backend = _backend_for(x)
     seed = _rng.new_seed(x.device)
     args = (seed, p, scale, keep_shift, drop_shift, 0, inner)
     if not inplace:
@@ -567,7 +589,7 @@ def _drop_block(x: torch.Tensor, p: float, block_size: int, inplace: bool, eps: 
     if x.numel() == 0:
         return x if inplace else x.clone()
     _check_floating("input", x, f"drop_block{dims}d")
-    backend = choose_backend(x.device.type)
+    backend = _backend_for(x)
     args = (_rng.new_seed(x.device), gamma, block_size, eps, shared_mask)
     if not inplace:
         return DROP_BLOCK[backend](x, *args)[0]
@@ -664,7 +686,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if not _class_index_call_ok(input, target, weight, reduction, label_smoothing, classes, batch_shape):
         return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
     logits, targets = _class_view(input, target)
-    backend = choose_backend(input.device.type)
+    backend = _backend_for(input)
     # torch ignores a negative label_smoothing
     loss, z_term, _ = CROSS_ENTROPY_FWD[backend](logits, targets, weight, int(ignore_index),
                                                  float(max(label_smoothing, 0.0)), float(z_loss),
@@ -755,7 +777,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     else:
         tokens = input if input.dim() == 2 else input.unsqueeze(0)
         targets = (target if target.dtype == torch.int64 else target.long()).reshape(-1)
-        backend = choose_backend(input.device.type)
+        backend = _backend_for(input)
         loss, z_term, _, _, _ = LINEAR_CROSS_ENTROPY_FWD[backend](
             tokens, linear_weight, linear_bias, targets, weight, int(ignore_index), float(max(label_smoothing, 0.0)),
             float(z_loss), _REDUCTION_CODES[reduction], None, False, False, False)

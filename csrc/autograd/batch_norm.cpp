@@ -4,18 +4,16 @@
 // statistics bn_fwd updates in place are not differentiated (as in torch).
 // SyncBatchNorm does not come here: it composes the four step ops with its collectives
 // (fastreg/_batch_norm.py).
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
 
+#include "graph_node.h"
 #include "op_handle.h"
 
 namespace fastreg {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using BnFwdSignature = Tensors3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
@@ -38,10 +36,6 @@ const c10::TypedOperatorHandle<BnBwdSignature>& bn_bwd_op(bool triton) {
   return triton ? op_handle<BnBwdSignature, kBnBwdTriton>() : op_handle<BnBwdSignature, kBnBwd>();
 }
 
-OptionalTensor optional(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
-
-enum BnFlags : int64_t { kTriton = 1, kTraining = 2, kHasWeight = 4, kHasBias = 8 };
-
 // The version counters of the running statistics bn_fwd updated (the ADInplaceOrView
 // kernel below autograd is skipped, as for every fastreg op).
 void bump_versions(const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training) {
@@ -53,40 +47,31 @@ void bump_versions(const OptionalTensor& running_mean, const OptionalTensor& run
 
 }  // namespace
 
-// (A short, non-template name: autograd demangles it on every backward.)
-struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptionalTensor& weight,
-                               const OptionalTensor& bias, const OptionalTensor& running_mean,
-                               const OptionalTensor& running_var, bool training, double momentum, double eps,
-                               const OptionalTensor& batches_tracked, bool triton) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, invstd] =
-        bn_fwd_op(triton).call(x, weight, bias, running_mean, running_var, training, momentum, eps, batches_tracked);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, invstd});
-    ctx->mark_non_differentiable({mean, invstd});
-    ctx->set_materialize_grads(false);  // no zero tensors for the statistics' gradients
-    ctx->saved_data["flags"] = int64_t{(triton ? kTriton : 0) | (training ? kTraining : 0) |
-                                       (weight.has_value() ? kHasWeight : 0) | (bias.has_value() ? kHasBias : 0)};
-    return {y, mean, invstd};
+// The backward node of bn_fwd: gradients to x, weight and bias; its input is y's gradient
+// (mean and invstd are not differentiable).
+struct BatchNormBackward final : Node {
+  SavedVariable x, weight, mean, invstd;
+  bool training = false, triton = false;
+
+  std::string name() const override { return "BatchNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&x, &weight, &mean, &invstd}) saved->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     // the backward op has no autograd of its own: skip the dispatcher's fallback for it
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-    const int64_t flags = ctx->saved_data["flags"].toInt();
-    // undefined when backward is reached through mean / invstd alone (gradcheck does)
-    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    // needs_input_grad counts the given tensors only: bias is edge 1 without a weight
-    const bool has_weight = flags & kHasWeight;
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-                                   (flags & kHasBias) && ctx->needs_input_grad(has_weight ? 2 : 1)};
+    const at::Tensor input = x.unpack(), w = weight.unpack();
+    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(input);
+    // the gradients this backward is asked for (torch.autograd.grad may want x's alone)
+    const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                   task_should_compute_output(2)};
     auto [grad_x, grad_weight, grad_bias] =
-        bn_bwd_op(flags & kTriton).call(grad_y, x, optional(weight), mean, invstd, flags & kTraining, mask);
+        bn_bwd_op(triton).call(grad_y, input, optional(w), mean.unpack(), invstd.unpack(), training, mask);
     return {mask[0] ? grad_x : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
-            mask[2] ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            mask[2] ? grad_bias : at::Tensor()};
   }
 };
 
@@ -97,20 +82,25 @@ Tensors3 bn_fwd_autograd(const at::Tensor& x, const OptionalTensor& weight, cons
                          const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                          double momentum, double eps, const OptionalTensor& batches_tracked) {
   const OptionalTensor x_ = x;
-  if (!records_graph({&x_, &weight, &bias})) {
-    Tensors3 out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = bn_fwd_op(triton).call(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                   batches_tracked);
-    }
-    bump_versions(running_mean, running_var, training);
-    return out;
+  const bool record = records_graph({&x_, &weight, &bias});
+  Tensors3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = bn_fwd_op(triton).call(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                 batches_tracked);
   }
-  auto out = BatchNormFn::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, batches_tracked,
-                                triton);
   bump_versions(running_mean, running_var, training);
-  return {out[0], out[1], out[2]};
+  if (!record) return out;
+  const auto& [y, mean, invstd] = out;
+  auto node = make_node<BatchNormBackward>(x, or_undefined(weight), or_undefined(bias));
+  record_output(y, node);
+  node->x = SavedVariable(x, false);
+  node->weight = SavedVariable(or_undefined(weight), false);
+  node->mean = SavedVariable(mean, false);
+  node->invstd = SavedVariable(invstd, false);
+  node->training = training;
+  node->triton = triton;
+  return out;
 }
 
 }  // namespace

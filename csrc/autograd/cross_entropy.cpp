@@ -7,19 +7,17 @@
 // tokens' gradients): its backward runs the chunk loop again with per-token grad_loss.
 // z_term (the z-loss part of the loss, returned for logging) is not differentiable: its
 // gradient is already part of the loss's.
-#include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "graph_node.h"
 #include "op_handle.h"
 
 namespace fastreg {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -39,8 +37,7 @@ constexpr char kLinearCrossEntropyFwdTriton[] = "fastreg::linear_cross_entropy_f
 
 constexpr int64_t kReductionNone = 0;
 
-// Whether autograd will want t's gradient (asked before Function::apply, which runs forward
-// with grad mode off).
+// Whether autograd will want t's gradient.
 bool requires_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.defined() && t.requires_grad(); }
 
 bool requires_grad(const OptionalTensor& t) { return t.has_value() && requires_grad(*t); }
@@ -66,26 +63,23 @@ at::Tensor scaled(at::Tensor grad, const at::Tensor& grad_loss) {
   return grad;
 }
 
-template <const char* fwd_name, const char* bwd_name>
-struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction<fwd_name, bwd_name>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
-                               const OptionalTensor& weight, int64_t ignore_index, double label_smoothing,
-                               double z_loss, int64_t reduction, bool compute_grad) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, z_term, grad] = op_handle<CrossEntropyFwdSignature, fwd_name>().call(
-        input, target, weight, ignore_index, label_smoothing, z_loss, reduction, compute_grad);
-    ctx->save_for_backward({grad});
-    ctx->mark_non_differentiable({z_term, grad});
-    ctx->set_materialize_grads(false);  // no zeros for the gradients of z_term and grad
-    return {loss, z_term, grad};
+// The backward node of cross_entropy_fwd: gradients to input and (none: not differentiable,
+// as in torch) the class weights; its input is the loss's gradient.
+template <const char* bwd_name>
+struct CrossEntropyBackward final : Node {
+  SavedVariable grad;  // d(loss)/d(input), made by forward
+
+  std::string name() const override { return "CrossEntropyBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grad.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad_loss = grads[0];
-    at::Tensor grad_input = grad_loss.defined() ? scaled<bwd_name>(ctx->get_saved_variables()[0], grad_loss)
-                                                : at::Tensor();
-    return {grad_input,  at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grad_loss.defined()) return {at::Tensor(), at::Tensor()};
+    return {scaled<bwd_name>(grad.unpack(), grad_loss), at::Tensor()};
   }
 };
 
@@ -93,70 +87,72 @@ template <const char* fwd_name, const char* bwd_name>
 Tensors3 cross_entropy_fwd_autograd(const at::Tensor& input, const at::Tensor& target, const OptionalTensor& weight,
                                     int64_t ignore_index, double label_smoothing, double z_loss, int64_t reduction,
                                     bool compute_grad) {
-  // differentiated: the gradient is made in forward whatever compute_grad says
-  auto out = CrossEntropyFunction<fwd_name, bwd_name>::apply(input, target, weight, ignore_index, label_smoothing,
-                                                              z_loss, reduction, compute_grad || requires_grad(input));
-  return {out[0], out[1], out[2]};
+  const OptionalTensor input_ = input;
+  const bool record = records_graph({&input_, &weight});
+  Tensors3 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // differentiated: the gradient is made in forward whatever compute_grad says
+    out = op_handle<CrossEntropyFwdSignature, fwd_name>().call(input, target, weight, ignore_index, label_smoothing,
+                                                               z_loss, reduction, compute_grad || requires_grad(input));
+  }
+  if (!record) return out;
+  const auto& [loss, z_term, grad] = out;  // z_term and grad are not differentiable
+  auto node = make_node<CrossEntropyBackward<bwd_name>>(input, or_undefined(weight));
+  record_output(loss, node);
+  node->grad = SavedVariable(grad, false);
+  return out;
 }
 
-// Forward's flags grad_input / grad_weight / grad_bias already include what autograd needs;
-// recompute: reduction none, the gradients are left to backward.
+// The backward node of linear_cross_entropy_fwd: gradients to input, linear_weight,
+// linear_bias and (none) the class weights; its input is the loss's gradient. Either the
+// gradients forward made (scaled here), or, with `recompute` (reduction none), the inputs
+// to run the chunk loop again with the per-token grad_loss.
 template <const char* fwd_name, const char* bwd_name>
-struct LinearCrossEntropyFunction : torch::autograd::Function<LinearCrossEntropyFunction<fwd_name, bwd_name>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& linear_weight,
-                               const OptionalTensor& linear_bias, const at::Tensor& target,
-                               const OptionalTensor& weight, int64_t ignore_index, double label_smoothing,
-                               double z_loss, int64_t reduction, const OptionalTensor& grad_loss, bool grad_input,
-                               bool grad_weight, bool grad_bias, int64_t chunk_tokens, bool recompute) {
-    ctx->saved_data["recompute"] = recompute;
-    ctx->saved_data["chunk_tokens"] = chunk_tokens;
-    ctx->saved_data["has_bias"] = linear_bias.has_value();
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["z_loss"] = z_loss;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, z_term, d_input, d_weight, d_bias] = op_handle<LinearCrossEntropyFwdSignature, fwd_name>().call(
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, reduction, grad_loss,
-        grad_input, grad_weight, grad_bias, chunk_tokens);
-    if (recompute) {
-      ctx->save_for_backward({input, linear_weight, linear_bias.value_or(at::Tensor()), target,
-                              weight.value_or(at::Tensor())});
-    } else {
-      ctx->save_for_backward({d_input, d_weight, d_bias});
+struct LinearCrossEntropyBackward final : Node {
+  SavedVariable input, linear_weight, linear_bias, target, weight;  // recompute
+  SavedVariable d_input, d_weight, d_bias;  // not recompute
+  bool recompute = false;
+  int64_t ignore_index = -100, chunk_tokens = 0;
+  double label_smoothing = 0.0, z_loss = 0.0;
+
+  std::string name() const override { return "LinearCrossEntropyBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved :
+         {&input, &linear_weight, &linear_bias, &target, &weight, &d_input, &d_weight, &d_bias}) {
+      saved->reset_data();
     }
-    ctx->mark_non_differentiable({z_term, d_input, d_weight, d_bias});
-    ctx->set_materialize_grads(false);  // no zeros for the gradients of the non-differentiable outputs
-    return {loss, z_term, d_input, d_weight, d_bias};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad_loss = grads[0];
-    variable_list result(15);
+    variable_list result(4);
     if (!grad_loss.defined()) return result;
-    // needs_input_grad counts the tensors given: input, linear_weight, then linear_bias if any
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool needs[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)};
-    const auto saved = ctx->get_saved_variables();
-    if (!ctx->saved_data["recompute"].toBool()) {
+    const bool needs[3] = {task_should_compute_output(0), task_should_compute_output(1),
+                           task_should_compute_output(2)};
+    if (!recompute) {
+      const at::Tensor made[3] = {d_input.unpack(), d_weight.unpack(), d_bias.unpack()};
       for (int i = 0; i < 3; ++i) {
-        if (needs[i]) result[i] = scaled<bwd_name>(saved[i], grad_loss);
+        if (needs[i]) result[i] = scaled<bwd_name>(made[i], grad_loss);
       }
       return result;
     }
-    const at::Tensor &input = saved[0], &linear_weight = saved[1], &linear_bias = saved[2], &target = saved[3],
-                     &weight = saved[4];
-    auto optional = [](const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; };
-    auto [loss, z_term, d_input, d_weight, d_bias] = op_handle<LinearCrossEntropyFwdSignature, fwd_name>().call(
-        input, linear_weight, optional(linear_bias), target, optional(weight), ctx->saved_data["ignore_index"].toInt(),
-        ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(), kReductionNone,
-        grad_loss, needs[0], needs[1], needs[2], ctx->saved_data["chunk_tokens"].toInt());
-    result[0] = needs[0] ? d_input : at::Tensor();
-    result[1] = needs[1] ? d_weight : at::Tensor();
-    result[2] = needs[2] ? d_bias : at::Tensor();
+    auto [loss, z_term, grad_input, grad_weight, grad_bias] =
+        op_handle<LinearCrossEntropyFwdSignature, fwd_name>().call(
+            input.unpack(), linear_weight.unpack(), optional(linear_bias.unpack()), target.unpack(),
+            optional(weight.unpack()), ignore_index, label_smoothing, z_loss, kReductionNone, grad_loss, needs[0],
+            needs[1], needs[2], chunk_tokens);
+    result[0] = needs[0] ? grad_input : at::Tensor();
+    result[1] = needs[1] ? grad_weight : at::Tensor();
+    result[2] = needs[2] ? grad_bias : at::Tensor();
     return result;
   }
 };
 
+// Forward's flags grad_input / grad_weight / grad_bias include what autograd needs, unless
+// backward recomputes (reduction none: the gradients are left to backward).
 template <const char* fwd_name, const char* bwd_name>
 Tensors5 linear_cross_entropy_fwd_autograd(const at::Tensor& input, const at::Tensor& linear_weight,
                                            const OptionalTensor& linear_bias, const at::Tensor& target,
@@ -164,13 +160,39 @@ Tensors5 linear_cross_entropy_fwd_autograd(const at::Tensor& input, const at::Te
                                            double z_loss, int64_t reduction, const OptionalTensor& grad_loss,
                                            bool grad_input, bool grad_weight, bool grad_bias, int64_t chunk_tokens) {
   const bool needs[3] = {requires_grad(input), requires_grad(linear_weight), requires_grad(linear_bias)};
+  const bool record = needs[0] || needs[1] || needs[2] || requires_grad(weight);
   // reduction none: the gradients come from backward, which knows the per-token scales
   const bool recompute = reduction == kReductionNone && !grad_loss.has_value() && (needs[0] || needs[1] || needs[2]);
-  auto out = LinearCrossEntropyFunction<fwd_name, bwd_name>::apply(
-      input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, reduction, grad_loss,
-      grad_input || (needs[0] && !recompute), grad_weight || (needs[1] && !recompute),
-      grad_bias || (needs[2] && !recompute), chunk_tokens, recompute);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  Tensors5 out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op_handle<LinearCrossEntropyFwdSignature, fwd_name>().call(
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, reduction, grad_loss,
+        grad_input || (needs[0] && !recompute), grad_weight || (needs[1] && !recompute),
+        grad_bias || (needs[2] && !recompute), chunk_tokens);
+  }
+  if (!record) return out;
+  const auto& [loss, z_term, d_input, d_weight, d_bias] = out;  // all but loss are not differentiable
+  auto node = make_node<LinearCrossEntropyBackward<fwd_name, bwd_name>>(input, linear_weight, or_undefined(linear_bias),
+                                                                        or_undefined(weight));
+  record_output(loss, node);
+  node->recompute = recompute;
+  if (recompute) {
+    node->input = SavedVariable(input, false);
+    node->linear_weight = SavedVariable(linear_weight, false);
+    node->linear_bias = SavedVariable(or_undefined(linear_bias), false);
+    node->target = SavedVariable(target, false);
+    node->weight = SavedVariable(or_undefined(weight), false);
+  } else {
+    node->d_input = SavedVariable(d_input, false);
+    node->d_weight = SavedVariable(d_weight, false);
+    node->d_bias = SavedVariable(d_bias, false);
+  }
+  node->ignore_index = ignore_index;
+  node->chunk_tokens = chunk_tokens;
+  node->label_smoothing = label_smoothing;
+  node->z_loss = z_loss;
+  return out;
 }
 
 }  // namespace

@@ -1,16 +1,14 @@
 // Autograd of dropout (and its bias / residual fused forms), for the C++ op and its
 // Triton twin alike: backward is the same op applied to the incoming gradient with the
 // forward's seed, so the mask is regenerated, never stored.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "graph_node.h"
 #include "op_handle.h"
 
 namespace fastreg {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using DropoutSignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t,
                                     const OptionalTensor&, const OptionalTensor&);
@@ -19,37 +17,39 @@ constexpr char kDropout[] = "fastreg::dropout";
 constexpr char kDropoutTriton[] = "fastreg::dropout_triton";
 
 template <const char* op_name>
-struct DropoutFunction : torch::autograd::Function<DropoutFunction<op_name>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& seed, double p,
-                            int64_t offset, int64_t inner, const OptionalTensor& bias,
-                            const OptionalTensor& residual) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({seed});
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["inner"] = inner;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["has_residual"] = residual.has_value();
-    return op_handle<DropoutSignature, op_name>().call(x, seed, p, offset, inner, bias, residual);
+const c10::TypedOperatorHandle<DropoutSignature>& dropout_op() {
+  return op_handle<DropoutSignature, op_name>();
+}
+
+// The backward node of dropout: gradients to x, bias and residual (in that order).
+template <const char* op_name>
+struct DropoutBackward final : Node {
+  SavedVariable seed;
+  double p = 0.0;
+  int64_t offset = 0, inner = 1;
+  bool has_bias = false, has_residual = false;
+
+  std::string name() const override { return "DropoutBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    seed.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad_out = grads[0];
-    const at::Tensor seed = ctx->get_saved_variables()[0];
+    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     // d(out)/dx = mask * scale: the forward op on the gradient, bias and residual left out
     // (through autograd: the double backward is this op again)
-    at::Tensor grad_x = op_handle<DropoutSignature, op_name>().call(
-        grad_out, seed, ctx->saved_data["p"].toDouble(), ctx->saved_data["offset"].toInt(),
-        ctx->saved_data["inner"].toInt(), std::nullopt, std::nullopt);
+    at::Tensor grad_x = dropout_op<op_name>().call(grad_out, seed.unpack(), p, offset, inner, std::nullopt,
+                                                   std::nullopt);
     at::Tensor grad_bias;
-    // needs_input_grad counts the tensor inputs given: x, seed, then bias
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
+    if (has_bias && task_should_compute_output(1)) {
       // summed over rows in float32 (float64 for float64) by torch's deterministic sum
       const auto rows = grad_x.reshape({-1, grad_x.size(-1)});
       grad_bias = rows.sum(0, false, accumulate_type(grad_x.scalar_type())).to(grad_x.scalar_type());
     }
-    at::Tensor grad_residual = ctx->saved_data["has_residual"].toBool() ? grad_out : at::Tensor();
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_bias, grad_residual};
+    return {grad_x, grad_bias, has_residual ? grad_out : at::Tensor()};
   }
 };
 
@@ -57,11 +57,22 @@ template <const char* op_name>
 at::Tensor dropout_autograd(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
                             const OptionalTensor& bias, const OptionalTensor& residual) {
   const OptionalTensor x_ = x;
-  if (!records_graph({&x_, &bias, &residual})) {
+  const bool record = records_graph({&x_, &bias, &residual});
+  at::Tensor out;
+  {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op_handle<DropoutSignature, op_name>().call(x, seed, p, offset, inner, bias, residual);
+    out = dropout_op<op_name>().call(x, seed, p, offset, inner, bias, residual);
   }
-  return DropoutFunction<op_name>::apply(x, seed, p, offset, inner, bias, residual);
+  if (!record) return out;
+  auto node = make_node<DropoutBackward<op_name>>(x, or_undefined(bias), or_undefined(residual));
+  record_output(out, node);
+  node->seed = SavedVariable(seed, false);
+  node->p = p;
+  node->offset = offset;
+  node->inner = inner;
+  node->has_bias = bias.has_value();
+  node->has_residual = residual.has_value();
+  return out;
 }
 
 }  // namespace

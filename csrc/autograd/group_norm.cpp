@@ -1,17 +1,15 @@
 // Autograd of GroupNorm (+ SiLU) and InstanceNorm, for the C++ op and its Triton twin
 // alike. Saved for backward: x, weight, bias and the (N, groups) statistics; with SiLU the
 // pre-activation is recomputed from them inside gn_bwd, never stored.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
 
+#include "graph_node.h"
 #include "op_handle.h"
 
 namespace fastreg {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GnFwdSignature = Tensors3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double, bool);
@@ -33,38 +31,30 @@ const c10::TypedOperatorHandle<GnBwdSignature>& gn_bwd_op(bool triton) {
   return triton ? op_handle<GnBwdSignature, kGnBwdTriton>() : op_handle<GnBwdSignature, kGnBwd>();
 }
 
-OptionalTensor optional(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
-
 }  // namespace
 
-// (A short, non-template name: autograd demangles it on every backward.)
-struct GroupNormFn : torch::autograd::Function<GroupNormFn> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptionalTensor& weight,
-                               const OptionalTensor& bias, int64_t groups, double eps, bool silu, bool triton) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, rstd] = gn_fwd_op(triton).call(x, weight, bias, groups, eps, silu);
-    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), mean, rstd});
-    ctx->mark_non_differentiable({mean, rstd});
-    ctx->set_materialize_grads(false);  // no zero tensors for the statistics' gradients
-    // groups, then silu and triton as bits 0 and 1 above it
-    ctx->saved_data["groups_flags"] = groups << 2 | int64_t{silu} | int64_t{triton} << 1;
-    return {y, mean, rstd};
+// The backward node of gn_fwd: gradients to x, weight and bias; its input is y's gradient
+// (mean and rstd are not differentiable).
+struct GroupNormBackward final : Node {
+  SavedVariable x, weight, bias, mean, rstd;
+  int64_t groups = 1;
+  bool silu = false, triton = false;
+
+  std::string name() const override { return "GroupNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&x, &weight, &bias, &mean, &rstd}) saved->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     // the backward ops have no autograd of their own: skip the dispatcher's fallback for them
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
-    const int64_t groups_flags = ctx->saved_data["groups_flags"].toInt();
-    // undefined when backward is reached through mean / rstd alone (gradcheck does)
-    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    auto [grad_x, grad_weight, grad_bias] = gn_bwd_op(groups_flags & 2).call(
-        grad_y, x, optional(weight), optional(bias), mean, rstd, groups_flags >> 2, groups_flags & 1);
-    return {grad_x,
-            weight.defined() ? grad_weight : at::Tensor(),
-            bias.defined() ? grad_bias : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor input = x.unpack(), w = weight.unpack(), b = bias.unpack();
+    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(input);
+    auto [grad_x, grad_weight, grad_bias] =
+        gn_bwd_op(triton).call(grad_y, input, optional(w), optional(b), mean.unpack(), rstd.unpack(), groups, silu);
+    return {grad_x, w.defined() ? grad_weight : at::Tensor(), b.defined() ? grad_bias : at::Tensor()};
   }
 };
 
@@ -74,12 +64,22 @@ template <bool triton>
 Tensors3 gn_fwd_autograd(const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups,
                          double eps, bool silu) {
   const OptionalTensor x_ = x;
-  if (!records_graph({&x_, &weight, &bias})) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return gn_fwd_op(triton).call(x, weight, bias, groups, eps, silu);
-  }
-  auto out = GroupNormFn::apply(x, weight, bias, groups, eps, silu, triton);
-  return {out[0], out[1], out[2]};
+  const bool record = records_graph({&x_, &weight, &bias});
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Tensors3 out = gn_fwd_op(triton).call(x, weight, bias, groups, eps, silu);
+  if (!record) return out;
+  const auto& [y, mean, rstd] = out;
+  auto node = make_node<GroupNormBackward>(x, or_undefined(weight), or_undefined(bias));
+  record_output(y, node);
+  node->x = SavedVariable(x, false);
+  node->weight = SavedVariable(or_undefined(weight), false);
+  node->bias = SavedVariable(or_undefined(bias), false);
+  node->mean = SavedVariable(mean, false);
+  node->rstd = SavedVariable(rstd, false);
+  node->groups = groups;
+  node->silu = silu;
+  node->triton = triton;
+  return out;
 }
 
 }  // namespace

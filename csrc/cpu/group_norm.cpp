@@ -21,6 +21,7 @@
 
 #include "fastreg/gn_steps.h"
 #include "fastreg/welford.h"
+#include "column_sums.h"
 #include "parallel.h"
 #include "vectorize.h"
 
@@ -421,8 +422,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd_cpu(const at::Tensor& dy_i
       }
     });
   }
-  const auto [dweight, dbias] = finish_gn_param_grads(sum_gxhat, sum_g, weight, bias, in.x);
-  return {in_layout_of(dx, x_in), dweight, dbias};
+  // the per-sample partials (N, C) summed over N in order (none written: zeros), in the
+  // parameters' dtypes
+  const int64_t rows = in.x.numel() > 0 ? in.N : 0;
+  const auto grad_of = [&](const std::optional<at::Tensor>& param, const at::Tensor& partials) {
+    const auto dtype = param.has_value() ? param->scalar_type() : in.x.scalar_type();
+    if (!param.has_value()) return at::empty({0}, in.x.options().dtype(dtype));
+    return in.x.scalar_type() == at::kDouble ? column_sums_cpu<double>(partials, rows, dtype)
+                                             : column_sums_cpu<float>(partials, rows, dtype);
+  };
+  return {in_layout_of(dx, x_in), grad_of(weight, sum_gxhat), grad_of(bias, sum_g)};
 }
 
 }  // namespace

@@ -6,12 +6,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "fastreg/norm_args.h"
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
+#include "column_sums.h"
 #include "parallel.h"
 #include "vectorize.h"
 
@@ -211,22 +213,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const std::optional<at::Tensor>& seed, double p) {
   check_norm_bwd_args(dy_in, x_in, rstd, dh_in, seed, p);
   NormBwdBuffers buffers = prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
-  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows, chunks = buffers.dw_partial.size(0);
-  if (m > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
-      using acc_t = acc_type<scalar_t>;
-      const auto a = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
-      at::parallel_for(0, chunks, grain_for(chunk_rows * n), [&](int64_t chunk_begin, int64_t chunk_end) {
-        const bool convert = !std::is_same_v<scalar_t, acc_t>;
-        std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
-        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows), a.dw_partial + chunk * n,
-                        a.db_partial + chunk * n, x_buf.data(), dy_buf.data(), multiplier.data());
-        }
-      });
+  const int64_t m = buffers.m, n = buffers.n, chunk_rows = buffers.chunk_rows;
+  const int64_t chunks = m > 0 ? buffers.dw_partial.size(0) : 0;  // no rows: no partials written
+  const auto w_dtype = weight.has_value() ? weight->scalar_type() : buffers.x.scalar_type();
+  const auto empty = [&] { return at::empty({0}, buffers.x.options().dtype(w_dtype)); };
+  at::Tensor dweight, dbias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffers.x.scalar_type(), "fastreg_norm_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto a = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
+    at::parallel_for(0, chunks, grain_for(chunk_rows * n), [&](int64_t chunk_begin, int64_t chunk_end) {
+      const bool convert = !std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        acc_t* dw = a.dw_partial + chunk * n;
+        acc_t* db = a.db_partial + chunk * n;
+        std::fill(dw, dw + n, acc_t(0));
+        std::fill(db, db + n, acc_t(0));
+        norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows), dw, db, x_buf.data(),
+                      dy_buf.data(), multiplier.data());
+      }
     });
-  }
-  return finish_norm_bwd(buffers, weight, has_bias);
+    dweight = weight.has_value() ? column_sums_cpu<acc_t>(buffers.dw_partial, chunks, w_dtype) : empty();
+    dbias = has_bias ? column_sums_cpu<acc_t>(buffers.db_partial, chunks, w_dtype) : empty();
+  });
+  return {buffers.dx, dweight, dbias, buffers.dx_dropout};
 }
 
 }  // namespace

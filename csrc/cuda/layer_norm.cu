@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   // the partials are written whole by the kernel (no zero fill); no rows: none are read
   NormBwdBuffers buffers =
-      prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks, /*zero_partials=*/false);
+      prepare_norm_bwd(dy_in, x_in, weight, mean, rstd, dh_in, seed, kMaxWeightChunks);
   const int64_t m = buffers.m, n = buffers.n, chunks = buffers.dw_partial.size(0);
   const bool param_grads = weight.has_value() || has_bias;
   if (m > 0 && n > 0) {

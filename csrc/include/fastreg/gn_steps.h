@@ -191,17 +191,4 @@ GnParams<scalar_t> gn_bwd_params(const GnInput& in, const at::Tensor& weight, co
   return p;
 }
 
-// (dweight, dbias) from the per-sample partials (N, C), summed over N in order, in the
-// parameters' dtypes; empty where a parameter is absent.
-inline std::tuple<at::Tensor, at::Tensor> finish_gn_param_grads(const at::Tensor& sum_gxhat, const at::Tensor& sum_g,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const at::Tensor& x) {
-  const auto empty = [&](const std::optional<at::Tensor>& p) {
-    return at::empty({0}, x.options().dtype(p.has_value() ? p->scalar_type() : x.scalar_type()));
-  };
-  return {weight.has_value() ? sum_gxhat.sum(0).to(weight->scalar_type()) : empty(weight),
-          bias.has_value() ? sum_g.sum(0).to(bias->scalar_type()) : empty(bias)};
-}
-
 }  // namespace fastreg

@@ -38,6 +38,11 @@ inline void check_norm_fwd_args(const at::Tensor& x, const std::optional<at::Ten
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
 }
 
+// t in `dtype`: t itself when it has it (no dispatcher call: tiny rows are host-bound).
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // The dtype statistics (mean, rstd), parameters and weight-gradient partials are kept
 // in: float32, or float64 for float64 inputs (acc_type in fastreg/welford.h).
 inline at::ScalarType acc_dtype(const at::Tensor& x) {
@@ -60,7 +65,7 @@ inline NormOutputs allocate_norm_outputs(const at::Tensor& x, bool is_rms, bool 
 // Parameters in the accumulate dtype (they are N elements: the copy is negligible), so
 // the kernels take one parameter type whatever the input's.
 inline at::Tensor param_as_acc(const std::optional<at::Tensor>& param, const at::Tensor& x) {
-  return param.has_value() ? param->to(acc_dtype(x)).contiguous() : at::Tensor();
+  return param.has_value() ? as_dtype(*param, acc_dtype(x)).contiguous() : at::Tensor();
 }
 
 inline void check_norm_bwd_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
@@ -88,9 +93,8 @@ inline int64_t rows_per_chunk(int64_t rows, int64_t max_chunks) {
 // What a norm_bwd kernel reads and writes, prepared the same way on every device: the
 // contiguous inputs, whatever strides they came with (dy and dh in the dtype of the norm
 // input: y's may differ from h's; mean and rstd), dx, the weight in the accumulate dtype,
-// and dweight / dbias partials, one row per chunk of chunk_rows rows: zeroed where the
-// kernels add to them (zero_partials), else left for the kernels to write whole.
-// With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
+// and dweight / dbias partials, one row per chunk of chunk_rows rows, uninitialized: each
+// chunk's kernel writes its row whole. With a seed, dx_dropout (dropout(dx), in dx's dtype) too.
 struct NormBwdBuffers {
   at::Tensor x, dy, dh, w, mean, rstd, dx, dw_partial, db_partial, dx_dropout;
   int64_t m, n, chunk_rows;
@@ -99,13 +103,13 @@ struct NormBwdBuffers {
 inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                        const at::Tensor& mean, const at::Tensor& rstd,
                                        const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& seed,
-                                       int64_t max_chunks, bool zero_partials = true) {
+                                       int64_t max_chunks) {
   NormBwdBuffers b;
   b.x = x.contiguous();
   b.mean = mean.contiguous();
   b.rstd = rstd.contiguous();
-  b.dy = dy.to(x.scalar_type()).contiguous();
-  b.dh = dh.has_value() ? dh->to(x.scalar_type()).contiguous() : at::Tensor();
+  b.dy = as_dtype(dy, x.scalar_type()).contiguous();
+  b.dh = dh.has_value() ? as_dtype(*dh, x.scalar_type()).contiguous() : at::Tensor();
   b.w = param_as_acc(weight, b.x);
   b.dx = at::empty_like(b.x);
   b.dx_dropout = seed.has_value() ? at::empty_like(b.x) : at::empty({0}, b.x.options());
@@ -114,19 +118,9 @@ inline NormBwdBuffers prepare_norm_bwd(const at::Tensor& dy, const at::Tensor& x
   b.chunk_rows = rows_per_chunk(b.m, max_chunks);
   const int64_t chunks = b.m == 0 ? 1 : (b.m + b.chunk_rows - 1) / b.chunk_rows;
   const auto partials = b.x.options().dtype(acc_dtype(b.x));
-  b.dw_partial = zero_partials ? at::zeros({chunks, b.n}, partials) : at::empty({chunks, b.n}, partials);
-  b.db_partial = zero_partials ? at::zeros({chunks, b.n}, partials) : at::empty({chunks, b.n}, partials);
+  b.dw_partial = at::empty({chunks, b.n}, partials);
+  b.db_partial = at::empty({chunks, b.n}, partials);
   return b;
-}
-
-// (dx, dweight, dbias, dx_dropout): the partials reduced over the chunks in order
-// (deterministic), in the weight's dtype; empty where there is no weight / bias.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_norm_bwd(
-    const NormBwdBuffers& b, const std::optional<at::Tensor>& weight, bool has_bias) {
-  const auto w_dtype = weight.has_value() ? weight->scalar_type() : b.x.scalar_type();
-  const auto empty = [&] { return at::empty({0}, b.x.options().dtype(w_dtype)); };
-  return {b.dx, weight.has_value() ? b.dw_partial.sum(0).to(w_dtype) : empty(),
-          has_bias ? b.db_partial.sum(0).to(w_dtype) : empty(), b.dx_dropout};
 }
 
 // What a norm_fwd kernel reads and writes: rows of n elements; h_t is h's dtype.
