@@ -1,7 +1,7 @@
 """The backward nodes of csrc/autograd/ behave as torch's own: the graph is freed with its
 outputs (no reference cycle through a saved output), saved tensors go through
 saved_tensors_hooks, an in-place change of a saved tensor is caught, a freed graph says
-so.
+so, and forward-mode AD, which has no formulas here, raises.
 
 Gradient values are checked per family (tests/test_<family>.py); these tests run the
 cpu backend's ops, whose nodes are those of the cuda and triton backends too.
@@ -132,3 +132,15 @@ def test_a_second_backward_needs_retain_graph(op):
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(out, x)
 
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(op):
+    """No forward-mode formulas: a dual input raises torch's NotImplementedError for such ops
+    (a result without its tangent would be silently wrong)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(4, 16), torch.randn(4, 16))
+        with pytest.raises(NotImplementedError, match="forward AD with fastreg::"):
+            OPS[op](x)

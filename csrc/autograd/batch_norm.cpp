@@ -82,7 +82,7 @@ Tensors3 bn_fwd_autograd(const at::Tensor& x, const OptionalTensor& weight, cons
                          const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
                          double momentum, double eps, const OptionalTensor& batches_tracked) {
   const OptionalTensor x_ = x;
-  const bool record = records_graph({&x_, &weight, &bias});
+  const bool record = records_graph(triton ? kBnFwdTriton : kBnFwd, {&x_, &weight, &bias});
   Tensors3 out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

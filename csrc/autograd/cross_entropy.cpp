@@ -88,7 +88,7 @@ Tensors3 cross_entropy_fwd_autograd(const at::Tensor& input, const at::Tensor& t
                                     int64_t ignore_index, double label_smoothing, double z_loss, int64_t reduction,
                                     bool compute_grad) {
   const OptionalTensor input_ = input;
-  const bool record = records_graph({&input_, &weight});
+  const bool record = records_graph(fwd_name, {&input_, &weight});
   Tensors3 out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -159,6 +159,8 @@ Tensors5 linear_cross_entropy_fwd_autograd(const at::Tensor& input, const at::Te
                                            const OptionalTensor& weight, int64_t ignore_index, double label_smoothing,
                                            double z_loss, int64_t reduction, const OptionalTensor& grad_loss,
                                            bool grad_input, bool grad_weight, bool grad_bias, int64_t chunk_tokens) {
+  const OptionalTensor input_ = input, linear_weight_ = linear_weight;
+  check_no_forward_grad(fwd_name, {&input_, &linear_weight_, &linear_bias, &weight});
   const bool needs[3] = {requires_grad(input), requires_grad(linear_weight), requires_grad(linear_bias)};
   const bool record = needs[0] || needs[1] || needs[2] || requires_grad(weight);
   // reduction none: the gradients come from backward, which knows the per-token scales

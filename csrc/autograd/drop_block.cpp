@@ -49,11 +49,12 @@ struct DropBlockBackward final : Node {
   }
 };
 
-// Records out = x * keep * scale for backward when x requires grad.
+// Records out = x * keep * scale (the op `op_name`) for backward when x requires grad.
 template <const char* apply_name>
-void record(const at::Tensor& x, const at::Tensor& out, const at::Tensor& mask, const at::Tensor& scale) {
+void record(const char* op_name, const at::Tensor& x, const at::Tensor& out, const at::Tensor& mask,
+            const at::Tensor& scale) {
   const std::optional<at::Tensor> x_ = x;
-  if (!records_graph({&x_})) return;
+  if (!records_graph(op_name, {&x_})) return;
   auto node = make_node<DropBlockBackward<apply_name>>(x);
   record_output(out, node);
   node->mask = SavedVariable(mask, false);
@@ -70,7 +71,7 @@ Tensors3 drop_block_autograd(const at::Tensor& x, const at::Tensor& seed, double
     out = op_handle<DropBlockSignature, fwd_name>().call(x, seed, gamma, block_size, eps, shared_mask);
   }
   const auto& [y, mask, scale] = out;  // mask and scale are not differentiable
-  record<apply_name>(x, y, mask, scale);
+  record<apply_name>(fwd_name, x, y, mask, scale);
   return out;
 }
 
@@ -81,7 +82,7 @@ at::Tensor drop_block_apply_autograd(const at::Tensor& x, const at::Tensor& mask
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     y = op_handle<ApplySignature, apply_name>().call(x, mask, scale);
   }
-  record<apply_name>(x, y, mask, scale);
+  record<apply_name>(apply_name, x, y, mask, scale);
   return y;
 }
 

@@ -57,7 +57,7 @@ template <const char* op_name>
 at::Tensor dropout_autograd(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
                             const OptionalTensor& bias, const OptionalTensor& residual) {
   const OptionalTensor x_ = x;
-  const bool record = records_graph({&x_, &bias, &residual});
+  const bool record = records_graph(op_name, {&x_, &bias, &residual});
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -4,7 +4,7 @@
 // packing, the output wrapping and the saved_data hash map of every call, which is most
 // of the host time of a small layer.
 //
-// Torch changed how nodes are owned (std::shared_ptr up to 2.13, c10::intrusive_ptr after);
+// Torch changed how nodes are owned (std::shared_ptr up to 2.12, c10::intrusive_ptr from 2.13);
 // NodeRef and make_node follow whichever the installed torch's Edge uses.
 #pragma once
 
@@ -33,7 +33,7 @@ template <typename T, typename... Inputs>
 NodeRef<T> make_node(const Inputs&... inputs) {
   NodeRef<T> node;
   if constexpr (kSharedNodes) {
-    // torch's deleter, found through T's base class (a name torch >= 2.14 no longer has)
+    // torch's deleter, found through T's base class (a name torch >= 2.13 no longer has)
     node = NodeRef<T>(new T(), [](T* p) { deleteNode(p); });
   } else {
     node = c10::make_intrusive<T>();

@@ -64,7 +64,7 @@ template <bool triton>
 Tensors3 gn_fwd_autograd(const at::Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias, int64_t groups,
                          double eps, bool silu) {
   const OptionalTensor x_ = x;
-  const bool record = records_graph({&x_, &weight, &bias});
+  const bool record = records_graph(triton ? kGnFwdTriton : kGnFwd, {&x_, &weight, &bias});
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensors3 out = gn_fwd_op(triton).call(x, weight, bias, groups, eps, silu);
   if (!record) return out;

@@ -75,7 +75,7 @@ at::Tensor gaussian_noise_autograd(const at::Tensor& x, const at::Tensor& seed, 
     out = op_handle<GaussianNoiseSignature, op_name>().call(x, seed, std, multiplicative, offset);
   }
   const std::optional<at::Tensor> x_ = x;
-  if (!records_graph({&x_})) return out;
+  if (!records_graph(op_name, {&x_})) return out;
   auto node = make_node<GaussianNoiseBackward<op_name>>(x);
   record_output(out, node);
   if (multiplicative) node->seed = SavedVariable(seed, false);
@@ -94,7 +94,7 @@ at::Tensor alpha_dropout_autograd(const at::Tensor& x, const at::Tensor& seed, d
     out = op_handle<AlphaDropoutSignature, op_name>().call(x, seed, p, scale, keep_shift, drop_shift, offset, inner);
   }
   const std::optional<at::Tensor> x_ = x;
-  if (!records_graph({&x_})) return out;
+  if (!records_graph(op_name, {&x_})) return out;
   auto node = make_node<AlphaDropoutBackward<op_name>>(x);
   record_output(out, node);
   node->seed = SavedVariable(seed, false);

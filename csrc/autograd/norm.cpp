@@ -102,7 +102,7 @@ Tensors4 norm_fwd_autograd(const at::Tensor& x, const OptionalTensor& weight, co
                            bool is_rms, const OptionalTensor& residual, const OptionalTensor& seed, double p,
                            bool residual_in_fp32, bool store_h) {
   const OptionalTensor x_ = x;
-  const bool record = records_graph({&x_, &weight, &bias, &residual});
+  const bool record = records_graph(triton ? kNormFwdTriton : kNormFwd, {&x_, &weight, &bias, &residual});
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensors4 out = norm_fwd_op(triton).call(x, weight, bias, eps, is_rms, residual, seed, p, residual_in_fp32, store_h);
   if (!record) return out;

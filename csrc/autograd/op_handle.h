@@ -19,10 +19,21 @@ const c10::TypedOperatorHandle<Signature>& op_handle() {
   return handle;
 }
 
-// Whether autograd must record a call with these inputs: grad mode on and one of them
-// requiring grad. Otherwise the autograd kernels call the op directly, skipping the cost
-// of a graph node (torch's own ops do the same).
-inline bool records_graph(std::initializer_list<const std::optional<at::Tensor>*> inputs) {
+// Forward-mode AD (dual tensors, torch.func.jvp) has no formulas in fastreg: a dual input
+// raises torch's error for such ops instead of losing its tangent.
+inline void check_no_forward_grad(const char* op, std::initializer_list<const std::optional<at::Tensor>*> inputs) {
+  for (const auto* t : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(t->has_value() && (*t)->defined() && (*t)->_fw_grad(/*level=*/0).defined()),
+                                "Trying to use forward AD with ", op,
+                                " that does not support it because it has not been implemented yet.");
+  }
+}
+
+// Whether autograd must record a call of `op` ("fastreg::norm_fwd") with these differentiable inputs: grad mode
+// on and one of them requiring grad. Otherwise the autograd kernels call the op directly,
+// skipping the cost of a graph node (torch's own ops do the same).
+inline bool records_graph(const char* op, std::initializer_list<const std::optional<at::Tensor>*> inputs) {
+  check_no_forward_grad(op, inputs);
   if (!at::GradMode::is_enabled()) return false;
   for (const auto* t : inputs) {
     if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return true;
