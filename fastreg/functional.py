@@ -397,7 +397,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if training and input.numel() == input.shape[1]:  # one value per channel: torch's error
         torch_F._verify_batch_size(input.size())
     return BN_FWD[_backend_for(input)](input, weight, bias, running_mean, running_var, training, momentum,
-                                                     eps, batches_tracked)[0]
+                                       eps, batches_tracked)[0]
 
 
 # ------------------------------------------------------------ GroupNorm / InstanceNorm

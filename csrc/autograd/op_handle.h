@@ -29,9 +29,10 @@ inline void check_no_forward_grad(const char* op, std::initializer_list<const st
   }
 }
 
-// Whether autograd must record a call of `op` ("fastreg::norm_fwd") with these differentiable inputs: grad mode
-// on and one of them requiring grad. Otherwise the autograd kernels call the op directly,
-// skipping the cost of a graph node (torch's own ops do the same).
+// Whether autograd must record a call of `op` ("fastreg::norm_fwd") with these
+// differentiable inputs: grad mode on and one of them requiring grad. Otherwise the
+// autograd kernels call the op directly, skipping the cost of a graph node (torch's own
+// ops do the same).
 inline bool records_graph(const char* op, std::initializer_list<const std::optional<at::Tensor>*> inputs) {
   check_no_forward_grad(op, inputs);
   if (!at::GradMode::is_enabled()) return false;
