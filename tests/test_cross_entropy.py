@@ -512,6 +512,32 @@ def test_linear_chunks_give_the_same_result(kernel_backend, chunk):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_vocabulary_past_one_block(kernel_backend, bias):
+    """A vocabulary of several blocks and a ragged last one (the cpu backend computes a
+    chunk's logits in slices of 512 weight rows, one matmul each): float64 against the
+    unfused sequence, and the loss of the cpu backend the same on one thread as on all."""
+    name, device = kernel_backend
+    x, w, b, target = _linear_case(device, torch.float64, bias=bias, tokens=40, hidden=24, classes=1100)
+    kwargs = dict(reduction="mean", label_smoothing=0.1)
+    loss = F.linear_cross_entropy(x, w, target, linear_bias=b, **kwargs)
+    unfused = F.cross_entropy(torch_F.linear(x, w, b), target, **kwargs)
+    torch.testing.assert_close(loss, unfused, rtol=LINEAR_RTOL[torch.float64], atol=1e-12)
+    for g, g_unfused in zip(_grads(loss, (x, w, b), None), _grads(unfused, (x, w, b), None)):
+        torch.testing.assert_close(g, g_unfused, rtol=LINEAR_RTOL[torch.float64], atol=1e-12)
+    if device == "cpu" and torch.get_num_threads() > 1:
+        threads = torch.get_num_threads()
+        x32, w32 = x.detach().float(), w.detach().float()
+        b32 = b.detach().float() if bias else None
+        on_all = F.linear_cross_entropy(x32, w32, target, linear_bias=b32, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            on_one = F.linear_cross_entropy(x32, w32, target, linear_bias=b32, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(on_all, on_one)
+
+
 @pytest.mark.parametrize("tokens,hidden,classes,element_size,expected", [
     (4096, 1024, 32768, 4, 128),     # the bench's shape: a buffer the input's size, 16 MiB
     (100, 64, 1000, 4, 32),          # at least 32 tokens

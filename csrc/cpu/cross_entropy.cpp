@@ -13,6 +13,7 @@
 // operations, and the reductions over rows are sequential sums in double.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -501,6 +502,31 @@ void cross_entropy_bwd_cpu_(at::Tensor& grad, const at::Tensor& grad_loss) {
 // The CPU side of linear_cross_entropy_chunks (csrc/include/fastreg/linear_cross_entropy.h).
 struct CpuRowPass {
   using Totals = std::pair<double, int64_t>;
+  // One matmul of a chunk's few rows against the whole (V, H) weight runs well below the
+  // CPU's matmul speed (the BLAS splits and packs the wide weight for so few rows); the
+  // weight's kVocabBlock-row slices, spread over the threads as single-threaded matmuls that
+  // each write their columns of `out` in place, run near it. Each block's values do not
+  // depend on the thread count. The worker threads run the matmuls with this thread's
+  // dispatch state (below autograd: the inputs may require grad).
+  static constexpr int64_t kVocabBlock = 512;
+  void logits(at::Tensor& out, const at::Tensor& x, const at::Tensor& linear_weight,
+              const std::optional<at::Tensor>& linear_bias) const {
+    const int64_t V = linear_weight.size(0);
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, (V + kVocabBlock - 1) / kVocabBlock, 1, [&](int64_t first, int64_t last) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t v0 = block * kVocabBlock, n = std::min(kVocabBlock, V - v0);
+        at::Tensor columns = out.narrow(1, v0, n);
+        const at::Tensor weight_t = linear_weight.narrow(0, v0, n).t();
+        if (linear_bias.has_value()) {
+          at::addmm_out(columns, linear_bias->narrow(0, v0, n), x, weight_t);
+        } else {
+          at::mm_out(columns, x, weight_t);
+        }
+      }
+    });
+  }
   Totals totals(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index, int64_t C) const {
     return target_totals(target, weight, ignore_index, C);
   }

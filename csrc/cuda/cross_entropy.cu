@@ -185,6 +185,14 @@ void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, const at:
 // and of cross_entropy_fwd: the totals and scales stay on the device (no host sync).
 struct CudaRowPass {
   using Totals = std::pair<at::Tensor, at::Tensor>;  // (total weight, count), acc dtype, 0-dim
+  void logits(at::Tensor& out, const at::Tensor& x, const at::Tensor& linear_weight,
+              const std::optional<at::Tensor>& linear_bias) const {
+    if (linear_bias.has_value()) {
+      at::addmm_out(out, *linear_bias, x, linear_weight.t());
+    } else {
+      at::mm_out(out, x, linear_weight.t());
+    }
+  }
   Totals totals(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index, int64_t C) const {
     const at::Tensor counted = target.ne(ignore_index);
     const auto acc = weight.defined() ? weight.scalar_type() : at::kFloat;

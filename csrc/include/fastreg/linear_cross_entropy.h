@@ -68,6 +68,7 @@ inline void check_linear_cross_entropy_args(const at::Tensor& input, const at::T
 }
 
 // RowPass provides, for its device:
+//   logits(out, x, W, bias)                        out = x @ W^T (+ bias), the chunk's logits
 //   totals(target, weight_acc, ignore_index, V)   the non-ignored targets' (total weight, count)
 //   scale(reduction, totals, acc_options)          (1, 2) (ce_scale, z_scale) of the reduction
 //   operator()(logits, target, weight_acc, ignore_index, smoothing, z_loss, scale, ce_rows, z_rows, with_grad)
@@ -102,16 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const int64_t chunk = chunk_tokens > 0 ? std::min(chunk_tokens, std::max<int64_t>(T, 1))
                                          : linear_chunk_rows(T, H, V, input.element_size());
   at::Tensor buffer = at::empty({T > 0 ? chunk : 0, V}, input.options());
-  const at::Tensor weight_t = linear_weight.t();
   for (int64_t start = 0; start < T; start += chunk) {
     const int64_t rows = std::min(chunk, T - start);
     const at::Tensor x = input.narrow(0, start, rows);
     at::Tensor logits = buffer.narrow(0, 0, rows);
-    if (linear_bias.has_value()) {
-      at::addmm_out(logits, *linear_bias, x, weight_t);
-    } else {
-      at::mm_out(logits, x, weight_t);
-    }
+    pass.logits(logits, x, linear_weight, linear_bias);
     pass(logits, targets.narrow(0, start, rows), w, ignore_index, smoothing, z_loss,
          scale.size(0) > 1 ? scale.narrow(0, start, rows) : scale, ce_rows.narrow(0, start, rows),
          z_rows.narrow(0, start, rows), with_grad);
