@@ -538,6 +538,22 @@ def test_linear_vocabulary_past_one_block(kernel_backend, bias):
         assert torch.equal(on_all, on_one)
 
 
+def test_linear_strided_arguments(backend):
+    """A strided input, a transposed weight and a strided bias, across several vocabulary
+    blocks: float64 against the unfused sequence."""
+    name, device = backend
+    tokens, hidden, classes = 40, 24, 1100
+    x = torch.randn(tokens, 2 * hidden, device=device, dtype=torch.float64)[:, ::2].requires_grad_()
+    w = torch.randn(hidden, classes, device=device, dtype=torch.float64).t().requires_grad_()
+    b = torch.randn(2 * classes, device=device, dtype=torch.float64)[::2].requires_grad_()
+    target = _targets((tokens,), classes, device)
+    loss = F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1)
+    unfused = F.cross_entropy(torch_F.linear(x, w, b), target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, unfused, rtol=LINEAR_RTOL[torch.float64], atol=1e-12)
+    for g, g_unfused in zip(_grads(loss, (x, w, b), None), _grads(unfused, (x, w, b), None)):
+        torch.testing.assert_close(g, g_unfused, rtol=LINEAR_RTOL[torch.float64], atol=1e-12)
+
+
 @pytest.mark.parametrize("tokens,hidden,classes,element_size,expected", [
     (4096, 1024, 32768, 4, 128),     # the bench's shape: a buffer the input's size, 16 MiB
     (100, 64, 1000, 4, 32),          # at least 32 tokens
