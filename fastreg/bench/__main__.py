@@ -51,13 +51,17 @@ def main(argv=None) -> int:
     rows, copy_gbps = runner.run(ops, args.device, dtypes, args.quick, args.backends, args.shapes,
                                  args.modes, args.min_time, args.rounds, compile=not args.no_compile)
     env = runner.environment(args.device, heap_kept)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    out = args.out or f"bench/results/{slug}"
+    out = args.out or _results_folder(env)
     name = "-".join(args.ops or ops) + ("-quick" if args.quick else "")
     paths = runner.write(rows, copy_gbps, env, vars(args), out, name)
     print(runner.markdown(rows, copy_gbps, env))
     print("wrote " + ", ".join(paths.values()), file=sys.stderr)
     return 0
+
+
+def _results_folder(env) -> str:
+    """bench/results/<device model>: results are kept per GPU or CPU model."""
+    return "bench/results/" + re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
 
 
 def _host(args) -> int:
@@ -68,8 +72,7 @@ def _host(args) -> int:
     rows = host.run(args.device, backend, args.min_time, args.rounds or 5, count_backend)
     env = runner.environment(args.device)
     env["threads"] = 1 if args.device == "cpu" else env["threads"]
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    out = args.out or f"bench/results/{slug}"
+    out = args.out or _results_folder(env)
     os.makedirs(out, exist_ok=True)
     table = host.markdown(rows, env, backend, count_backend)
     with open(os.path.join(out, "host.md"), "w") as f:
