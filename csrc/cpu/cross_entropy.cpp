@@ -33,8 +33,7 @@ namespace {
 
 // Classes per block of a row: 4 KiB of floats, in L1 with its converted copy.
 constexpr int64_t kBlock = 1024;
-// 64-byte vectors: one AVX-512 register in that clone (two AVX2 registers otherwise).
-constexpr int64_t kBytes = 64;
+constexpr int64_t kBytes = kWideBytes;
 
 template <typename acc_t>
 using V = Vec<acc_t, kBytes>;

@@ -45,20 +45,21 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<sca
   acc_t mean = 0;
   if (a.mean) {
     const acc_t shift = v[0];
-    mean = shift + vector_sum(v, n, [&](auto value) { return value - shift; }) / n;
+    mean = shift + vector_sum<kWideBytes>(v, n, [&](auto value) { return value - shift; }) / n;
   }
-  const acc_t m2 = vector_sum(v, n, [&](auto value) { return (value - mean) * (value - mean); });
+  const acc_t m2 = vector_sum<kWideBytes>(v, n, [&](auto value) { return (value - mean) * (value - mean); });
   const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(m2) / n + a.eps));
   scalar_t* __restrict y = a.y + row * n;
   const acc_t* __restrict w = a.weight;
   const acc_t* __restrict b = a.bias;
   int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    constexpr int64_t W = kWidth<acc_t>;
+    constexpr int64_t W = kWidth<acc_t, kWideBytes>;
+    const auto at = [](const acc_t* p) { return load<acc_t, kWideBytes>(p); };
     if (w && b) {
-      for (; j + W <= n; j += W) store(y + j, (load(v + j) - mean) * rstd * load(w + j) + load(b + j));
+      for (; j + W <= n; j += W) store(y + j, (at(v + j) - mean) * rstd * at(w + j) + at(b + j));
     } else if (w) {
-      for (; j + W <= n; j += W) store(y + j, (load(v + j) - mean) * rstd * load(w + j));
+      for (; j + W <= n; j += W) store(y + j, (at(v + j) - mean) * rstd * at(w + j));
     }
   }
   for (; j < n; ++j) {
@@ -74,7 +75,7 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<sca
 // One row. Plain norm: straight from x. Fused: h = residual + dropout(x) is formed in v
 // (and stored), then normalized. v and multiplier are scratch rows.
 template <typename scalar_t, typename h_t>
-FASTREG_CPU_CLONES void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
+FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                      acc_type<scalar_t>* __restrict v, acc_type<scalar_t>* __restrict multiplier) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.n, base = row * n;

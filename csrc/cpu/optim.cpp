@@ -35,10 +35,9 @@ constexpr int64_t kChunk = 1 << 15;
 // Elements updated into scratch (or in place) before the write-back to the rounded
 // param: stays in L1.
 constexpr int64_t kBlock = 1024;
-// Vector width of the update loops: 64 bytes, one AVX-512 register in that clone (two
-// AVX2 registers otherwise). One core's step is compute-bound (a sqrt and two divides per
-// element), so the widest vectors pay.
-constexpr int64_t kStepBytes = 64;
+// Vector width of the update loops: the widest (vectorize.h). One core's step is
+// compute-bound (a sqrt and two divides per element), so wide vectors pay.
+constexpr int64_t kStepBytes = kWideBytes;
 
 // ---------------------------------------------------------------- vector/scalar helpers
 // The element code is written once for V = acc_t (the tail) and V = Vec<acc_t>.

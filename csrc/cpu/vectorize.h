@@ -1,6 +1,6 @@
 #pragma once
-// Helpers of the CPU kernels: functions cloned for AVX2 (picked at load time on CPUs
-// that have it), Philox calls in batches the compiler vectorizes, and explicit 32-byte
+// Helpers of the CPU kernels: functions cloned for AVX2 and AVX-512 (picked at load time
+// on CPUs that have them), Philox calls in batches the compiler vectorizes, and explicit
 // vectors for sums (a plain floating-point reduction cannot be vectorized without
 // reassociating it; separate vector lanes can).
 #include <cstdint>
@@ -13,8 +13,9 @@
 namespace fastreg {
 
 // FASTREG_CPU_CLONES_AVX512 adds an AVX-512 clone, for the compute-heavy loops: the
-// optimizer steps (a sqrt and two divides per element) and GroupNorm's SiLU (an exp
-// polynomial) run faster with 16-lane vectors where the CPU has them.
+// optimizer steps (a sqrt and two divides per element), the exp polynomials of GroupNorm's
+// SiLU and cross-entropy, and LayerNorm's passes over an L1-resident row run faster with
+// 16-lane vectors where the CPU has them (torch's own CPU kernels use AVX-512 there).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTREG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #define FASTREG_CPU_CLONES_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -22,6 +23,10 @@ namespace fastreg {
 #define FASTREG_CPU_CLONES_AVX512
 #define FASTREG_CPU_CLONES
 #endif
+
+// The vector width of explicit vector loops in FASTREG_CPU_CLONES_AVX512 functions: one
+// AVX-512 register in that clone, two AVX2 registers (four SSE ones) in the others.
+constexpr int64_t kWideBytes = 64;
 
 constexpr int64_t kPhiloxBatch = 16;
 
@@ -52,8 +57,8 @@ inline void keep_multipliers(uint64_t first, int64_t count, uint64_t seed, uint6
   }
 }
 
-// 32-byte vectors (GCC/Clang vector extensions): one AVX2 register in the AVX2 clones,
-// two SSE registers otherwise. Explicit, because GCC's vectorizer turns loops with
+// Vectors of Bytes bytes (GCC/Clang vector extensions; 32 by default: one AVX2 register
+// in the AVX2 clones, two SSE registers otherwise). Explicit, because GCC's vectorizer turns loops with
 // several reductions into shuffles and spills.
 template <typename T, int64_t Bytes = 32>
 struct VecOf {
@@ -121,15 +126,19 @@ __attribute__((always_inline)) inline T sum_lanes(V v) {
 }
 
 // sum over i < n of f(v[i]) for a function f of a vector (or a scalar), in two vector
-// accumulators (hiding the add latency), in a fixed order.
-template <typename T, typename F>
+// accumulators of Bytes each (hiding the add latency), in a fixed order.
+template <int64_t Bytes = 32, typename T, typename F>
 __attribute__((always_inline)) inline T vector_sum(const T* __restrict v, int64_t n, F f) {
-  constexpr int64_t W = kWidth<T>;
-  Vec<T> a0 = {}, a1 = {};
+  constexpr int64_t W = kWidth<T, Bytes>;
+  Vec<T, Bytes> a0 = {}, a1 = {};
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    a0 += f(load(v + i));
-    a1 += f(load(v + i + W));
+    a0 += f(load<T, Bytes>(v + i));
+    a1 += f(load<T, Bytes>(v + i + W));
+  }
+  if (i + W <= n) {
+    a0 += f(load<T, Bytes>(v + i));
+    i += W;
   }
   T total = sum_lanes(a0 + a1);
   for (; i < n; ++i) total += f(v[i]);
