@@ -76,7 +76,8 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<sca
 // (and stored), then normalized. v and multiplier are scratch rows.
 template <typename scalar_t, typename h_t>
 FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
-                                     acc_type<scalar_t>* __restrict v, acc_type<scalar_t>* __restrict multiplier) {
+                                            acc_type<scalar_t>* __restrict v,
+                                            acc_type<scalar_t>* __restrict multiplier) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.n, base = row * n;
   const scalar_t* __restrict x = a.x + base;

@@ -58,8 +58,8 @@ inline void keep_multipliers(uint64_t first, int64_t count, uint64_t seed, uint6
 }
 
 // Vectors of Bytes bytes (GCC/Clang vector extensions; 32 by default: one AVX2 register
-// in the AVX2 clones, two SSE registers otherwise). Explicit, because GCC's vectorizer turns loops with
-// several reductions into shuffles and spills.
+// in the AVX2 clones, two SSE registers otherwise). Explicit, because GCC's vectorizer
+// turns loops with several reductions into shuffles and spills.
 template <typename T, int64_t Bytes = 32>
 struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
