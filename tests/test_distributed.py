@@ -21,7 +21,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests import distributed, distributed_cases as cases
 

@@ -12,7 +12,7 @@ import fastreg
 from fastreg import _reference, _rng
 from fastreg.ops.dropout import DROPOUT
 from fastreg import functional as F
-from tests.conftest import GPU, KERNEL_BACKENDS, needs_gpu, skip_unless_runs
+from tests.conftest import GPU, skip_unless_runs
 
 # (atol, rtol) of an output against the float64 reference computed from the same rounded
 # input and mask. The kernels round once to the dtype (x * scale; r + (x + b) * scale), so

@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-import fastreg
 from fastreg import _ext, _reference
 from fastreg.ops.optim import ADAM_STEP, SGD_STEP
 from tests import triton_aot

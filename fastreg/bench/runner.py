@@ -14,8 +14,6 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-import math
-
 import torch
 
 import fastreg

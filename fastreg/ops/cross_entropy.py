@@ -13,8 +13,6 @@ gradients forward made and scales them in backward; nothing else is kept (for
 linear_cross_entropy with reduction none: its inputs, and backward runs the chunks again).
 """
 
-import torch
-
 from fastreg import _reference
 from fastreg.ops._table import HAVE_TRITON, op_table, register_fake, register_triton
 

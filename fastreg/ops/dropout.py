@@ -7,8 +7,6 @@ tensor (one int64) and the scalars, never a mask; backward is the same op on the
 gradient, the mask regenerated from the seed.
 """
 
-import torch
-
 from fastreg import _reference
 from fastreg.ops._table import HAVE_TRITON, op_table, register_fake, register_triton
 
