@@ -4,17 +4,11 @@
 // kernels are the Triton launchers, registered from Python (fastreg/ops/<family>.py) for
 // CUDA tensors and, through the Triton interpreter, CPU tensors. Fake (meta) kernels
 // are registered there too.
-#include <Python.h>
+// (`import fastreg._C` loads this library and so runs these registrations; the Python
+// module itself is made in csrc/python_module.cpp.)
 #include <torch/library.h>
 
 #include <string>
-
-// `import fastreg._C` loads this library and runs the registrations below;
-// the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace {
 

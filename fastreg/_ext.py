@@ -44,3 +44,10 @@ def defines(op: str) -> bool:
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered `fastreg::<op>` for a dispatch key ("CPU", "CUDA")."""
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastreg::{op}", dispatch_key)
+
+
+def function(name: str):
+    """The function `name` of the loaded fastreg._C module, or None (not built, or a stale build)."""
+    if not loaded():
+        return None
+    return getattr(importlib.import_module("fastreg._C"), name, None)

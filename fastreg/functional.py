@@ -25,7 +25,7 @@ from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_
 from fastreg.ops.dropout import DROPOUT, DROPOUT_
 from fastreg.ops.group_norm import GN_FWD
 from fastreg.ops.noise import ALPHA_DROPOUT, ALPHA_DROPOUT_, GAUSSIAN_NOISE
-from fastreg.ops.norm import NORM_FWD
+from fastreg.ops.norm import NORM_FWD, norm_fwd_y
 
 __all__ = [
     "dropout", "dropout1d", "dropout2d", "dropout3d", "drop_path", "dropout_add",
@@ -264,7 +264,7 @@ def _norm(x, shape, weight, bias, eps, is_rms, residual=None, p=0.0, training=Fa
     backend = _backend_for(x)
     seed = _rng.new_seed(x.device) if training and p > 0.0 else None
     if residual is None and seed is None:  # the plain norm: the op's fused arguments keep their defaults
-        y = NORM_FWD[backend](rows, weight, bias, float(eps), is_rms)[0]
+        y = norm_fwd_y(backend, rows, weight, bias, float(eps), is_rms)
         if as_rows:
             y = y.view_as(x)
         return (y, x) if prenorm else y  # without residual or dropout, h is x

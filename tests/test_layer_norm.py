@@ -1,14 +1,17 @@
 """LayerNorm, RMSNorm and the fused dropout + add + norm against PyTorch on every backend."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as torch_F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastreg
 from fastreg import _reference, _rng
-from fastreg.ops.norm import NORM_FWD
+from fastreg.ops.norm import _NORM_FWD_Y_ENTRY, NORM_FWD
 from fastreg import functional as F
-from tests.conftest import GPU
+from tests.conftest import GPU, skip_unless_runs
 
 # The relative rule: against a float32 reference computed from the same rounded input,
 # fastreg's error may be at most twice PyTorch's own error in the input dtype, plus an
@@ -327,6 +330,78 @@ def test_opcheck(kernel_backend):
     dy, xd, wd = torch.randn_like(y), x.detach(), w.detach()
     torch.library.opcheck(bwd, (dy, xd, wd, mean, rstd, False, True), test_utils=utils)
     torch.library.opcheck(bwd, (dy, xd, wd, mean, rstd, False, True, torch.randn_like(y), seed, 0.3), test_utils=utils)
+
+
+class _RecordTorchFunctions(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordDispatches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _LoggingTensor(torch.Tensor):
+    """A subclass with its own __torch_function__ (it records the functions it sees)."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_direct_entry_is_the_op_seen_from_python(name):
+    """fastreg._C.norm_fwd_y, the C++ backends' entry for the plain norm, gives the op's y and
+    autograd, is seen by dispatch modes as the op, and leaves __torch_function__ to the op."""
+    device = skip_unless_runs(name)
+    assert _NORM_FWD_Y_ENTRY is not None
+    op = torch.ops.fastreg.norm_fwd.default
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    w, b = (torch.nn.Parameter(torch.randn(40, device=device)) for _ in range(2))
+    y = _NORM_FWD_Y_ENTRY(x, w, b, 1e-5, False)
+    assert torch.equal(y, op(x, w, b, 1e-5, False)[0]) and y.grad_fn is not None
+    assert torch.equal(_NORM_FWD_Y_ENTRY(x, w, None, 1e-6, True), op(x, w, None, 1e-6, True)[0])
+    grad = torch.randn_like(y)
+    expected = torch.autograd.grad(op(x, w, b, 1e-5, False)[0], (x, w, b), grad)
+    for ours, theirs in zip(torch.autograd.grad(y, (x, w, b), grad), expected):
+        assert torch.equal(ours, theirs)
+    # the op's own errors, as the op raises them
+    with pytest.raises(RuntimeError) as through_op:
+        op(x[0], w, b, 1e-5, False)
+    with pytest.raises(type(through_op.value), match=re.escape(str(through_op.value).splitlines()[0])):
+        _NORM_FWD_Y_ENTRY(x[0], w, b, 1e-5, False)
+    with pytest.raises(TypeError, match="takes 5 positional arguments"):
+        _NORM_FWD_Y_ENTRY(x, w, b, 1e-5)
+    # what it does not take, it hands back: other argument types, __torch_function__
+    assert _NORM_FWD_Y_ENTRY(x, w, b, 1, False) is NotImplemented
+    assert _NORM_FWD_Y_ENTRY(x, w, b, 1e-5, 0) is NotImplemented
+    assert _NORM_FWD_Y_ENTRY(x, w.detach().as_subclass(_LoggingTensor), b, 1e-5, False) is NotImplemented
+    with _RecordTorchFunctions():
+        assert _NORM_FWD_Y_ENTRY(x, w, b, 1e-5, False) is NotImplemented
+    # and fastreg's layer_norm then calls the op, which those see
+    with _RecordTorchFunctions() as functions:
+        assert torch.equal(F.layer_norm(x, (40,), w, b), y)
+    assert op in functions.calls
+    _LoggingTensor.seen = []
+    F.layer_norm(x.detach().as_subclass(_LoggingTensor), (40,), w, b)
+    assert op in _LoggingTensor.seen
+    with _RecordDispatches() as dispatches:
+        assert torch.equal(F.layer_norm(x, (40,), w, b), y)
+    assert op in dispatches.calls
 
 
 def test_fused_inference_skips_h_and_matches_training_output(backend):

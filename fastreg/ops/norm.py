@@ -9,11 +9,14 @@ norm_bwd(dy, x, weight, mean, rstd, is_rms, has_bias, dh, seed, p)
 Autograd (csrc/autograd/norm.cpp, for the C++ op and its Triton twin) saves the norm input
 (x, or the h the op returned), weight, mean, rstd and the seed; the dropout mask is
 regenerated inside norm_bwd.
+
+norm_fwd_y is the plain norm's y on any backend, taking fastreg._C's direct entry to the
+C++ op where it can (csrc/python_module.cpp).
 """
 
 import torch
 
-from fastreg import _reference
+from fastreg import _ext, _reference
 from fastreg.ops._table import HAVE_TRITON, op_table, register_fake, register_triton
 
 
@@ -61,3 +64,17 @@ if HAVE_TRITON:
 NORM_FWD = op_table("norm_fwd", "norm_fwd_triton", _reference.norm_fwd)
 NORM_BWD = op_table("norm_bwd", "norm_bwd_triton", None)  # the torch backend is differentiated by autograd
 
+# fastreg._C.norm_fwd_y(x, weight, bias, eps, is_rms): norm_fwd's y through the dispatcher's
+# typed path; NotImplemented where __torch_function__ may apply
+_NORM_FWD_Y_ENTRY = _ext.function("norm_fwd_y")
+
+
+def norm_fwd_y(backend: str, x, weight, bias, eps: float, is_rms: bool) -> torch.Tensor:
+    """NORM_FWD[backend](x, weight, bias, eps, is_rms)[0]. On the C++ backends in eager mode the
+    call goes through fastreg._C's entry, which skips the boxing of torch.ops: on a small layer
+    that is a large part of the call. torch.compile traces the op itself."""
+    if _NORM_FWD_Y_ENTRY is not None and backend in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        y = _NORM_FWD_Y_ENTRY(x, weight, bias, eps, is_rms)
+        if y is not NotImplemented:
+            return y
+    return NORM_FWD[backend](x, weight, bias, eps, is_rms)[0]
