@@ -2,21 +2,18 @@
 // op (schemas in csrc/ops.cpp, kernels per dispatch key); the module's one function is a
 // direct Python entry to the row norms' forward, norm_fwd_y.
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <optional>
 #include <tuple>
+
+#include "autograd/norm_op.h"
 
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
-using NormFwdSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double, bool, const OptionalTensor&,
-    const OptionalTensor&, double, bool, bool);
+using fastreg::OptionalTensor;
 
 // A tensor argument this entry takes as it is: a torch.Tensor or nn.Parameter, whose
 // __torch_function__ is torch's own (a subclass may define its own).
@@ -52,8 +49,6 @@ PyObject* norm_fwd_y(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
       !PyBool_Check(is_rms) || at::impl::torch_function_mode_enabled()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastreg::norm_fwd", "").typed<NormFwdSignature>();
   const at::Tensor& x_tensor = THPVariable_Unpack(x);
   const OptionalTensor weight_tensor = unpack_optional(weight);
   const OptionalTensor bias_tensor = unpack_optional(bias);
@@ -61,8 +56,9 @@ PyObject* norm_fwd_y(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = std::get<0>(op.call(x_tensor, weight_tensor, bias_tensor, eps_value, is_rms == Py_True, std::nullopt,
-                            std::nullopt, 0.0, false, true));
+    y = std::get<0>(fastreg::norm_fwd_op(/*triton=*/false)
+                        .call(x_tensor, weight_tensor, bias_tensor, eps_value, is_rms == Py_True, std::nullopt,
+                              std::nullopt, 0.0, false, true));
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

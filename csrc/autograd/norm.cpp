@@ -8,32 +8,12 @@
 
 #include "fastreg/norm_args.h"
 #include "graph_node.h"
+#include "norm_op.h"
 #include "op_handle.h"
 
 namespace fastreg {
 
-using OptionalTensor = std::optional<at::Tensor>;
-using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using NormFwdSignature = Tensors4(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, double, bool,
-                                  const OptionalTensor&, const OptionalTensor&, double, bool, bool);
-using NormBwdSignature = Tensors4(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&,
-                                  const at::Tensor&, bool, bool, const OptionalTensor&, const OptionalTensor&,
-                                  double);
-
 namespace {
-
-constexpr char kNormFwd[] = "fastreg::norm_fwd";
-constexpr char kNormBwd[] = "fastreg::norm_bwd";
-constexpr char kNormFwdTriton[] = "fastreg::norm_fwd_triton";
-constexpr char kNormBwdTriton[] = "fastreg::norm_bwd_triton";
-
-const c10::TypedOperatorHandle<NormFwdSignature>& norm_fwd_op(bool triton) {
-  return triton ? op_handle<NormFwdSignature, kNormFwdTriton>() : op_handle<NormFwdSignature, kNormFwd>();
-}
-
-const c10::TypedOperatorHandle<NormBwdSignature>& norm_bwd_op(bool triton) {
-  return triton ? op_handle<NormBwdSignature, kNormBwdTriton>() : op_handle<NormBwdSignature, kNormBwd>();
-}
 
 // What backward needs to know of the forward call.
 enum NormFlags : int64_t {
