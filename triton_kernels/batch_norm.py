@@ -63,6 +63,18 @@ def _chunk_sums(X, DY, shift, first, last, c_block, C, S, sx_n, sx_c, sx_s, sdy_
 
 
 @triton.jit
+def _first_position_x(X, c, C, P, sx_c, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x[0, c, 0] in ACC for the channels c, the shift of the statistics' sums; 0 where there is
+    no position (P == 0)."""
+    shift = tl.zeros((BLOCK_C,), ACC)
+    # a branch on the scalar rather than a mask `& (P > 0)`: triton 3.9's interpreter rejects
+    # a load masked by a scalar comparison broadcast against a block
+    if P > 0:
+        shift = tl.load(X + c.to(tl.int64) * sx_c, mask=c < C, other=0.0).to(ACC)
+    return shift
+
+
+@triton.jit
 def _bn_partial_sums_kernel(
     X,  # (N, C, S) strides (sx_n, sx_c, sx_s), x.dtype
     DY,  # (N, C, S) strides (sdy_n, sdy_c, sdy_s), x.dtype; any pointer unless HAS_DY
@@ -87,7 +99,7 @@ def _bn_partial_sums_kernel(
     pid, c_block = tl.program_id(0), tl.program_id(1)
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     if SHIFT_FROM_X:
-        shift = tl.load(X + c.to(tl.int64) * sx_c, mask=(c < C) & (P > 0), other=0.0).to(ACC)
+        shift = _first_position_x(X, c, C, P, sx_c, ACC, BLOCK_C)
     else:
         shift = tl.load(SHIFT + c, mask=c < C, other=0.0)
     first = pid.to(tl.int64) * positions_per_program
@@ -158,7 +170,7 @@ def _bn_fwd_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     if TRAINING:
-        shift = tl.load(X + c.to(tl.int64) * sx_c, mask=cmask & (P > 0), other=0.0).to(ACC)
+        shift = _first_position_x(X, c, C, P, sx_c, ACC, BLOCK_C)
         sum_d, sum_dd = _channel_sums(X, X, shift, PARTIAL_A, PARTIAL_B, partial_programs, P, C, S, c_block,
                                       sx_n, sx_c, sx_s, 0, 0, 0, False, FUSED, ACC, BLOCK_P, BLOCK_C)
         count = tl.maximum(P, 1).to(ACC)

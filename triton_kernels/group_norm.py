@@ -359,8 +359,9 @@ def _gn_apply_kernel(
                                1, SPLIT_BLOCK)
     mean, m2 = tl.sum(mean, axis=0), tl.sum(m2, axis=0)  # the one group's
     rstd = 1.0 / tl.sqrt(m2 / _count(D, S).to(ACC) + eps)
-    tl.store(MEAN + ng, mean, mask=split == 0)  # every split merges the same: one stores
-    tl.store(RSTD + ng, rstd, mask=split == 0)
+    if split == 0:  # every split merges the same: one stores
+        tl.store(MEAN + ng, mean)
+        tl.store(RSTD + ng, rstd)
     _group_write_y(X, Y, W, B, n, g * D, g * D + D, mean, rstd, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT,
                    stride_n, stride_c, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, BLOCK_D, BLOCK_S)
 
@@ -757,8 +758,9 @@ def _gn_chunk_apply_kernel(
     mean, m2 = _merged_moments(PART_MEAN, PART_M2, groups, D, S, SPLITS, TILES_PER_SPLIT, ACC, BLOCK_S, GROUPS,
                                SPLIT_BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / _count(D, S).to(ACC) + eps)
-    tl.store(MEAN + groups, mean, mask=split == 0)  # every split merges the same: one stores
-    tl.store(RSTD + groups, rstd, mask=split == 0)
+    if split == 0:  # every split merges the same: one stores
+        tl.store(MEAN + groups, mean)
+        tl.store(RSTD + groups, rstd)
     _chunk_write_y(X, Y, W, B, n, c_first, mean, rstd, S, split * TILES_PER_SPLIT, TILES_PER_SPLIT,
                    stride_n, stride_s, ACC, HAS_WEIGHT, HAS_BIAS, SILU, D, GROUPS, BLOCK_C, BLOCK_S)
 
