@@ -252,9 +252,13 @@ def _row_dx(DY, X, W, DH, DX, DX_DROPOUT, row, start, N, mean, rstd, c1, c2, dw,
     cols = start + tl.arange(0, BLOCK_N)
     mask = cols < N
     offsets = row * N + cols
-    x = tl.load(X + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    # dw, db take dy and xhat as soon as they exist, so fewer values are live at once:
+    # the two-part row path sits at 128 registers (16 warps) and spills otherwise
     dy = tl.load(DY + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+    db += dy
+    x = tl.load(X + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
     xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dw += dy * xhat
     g = dy
     if HAS_W:
         g = dy * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
@@ -266,7 +270,7 @@ def _row_dx(DY, X, W, DH, DX, DX_DROPOUT, row, start, N, mean, rstd, c1, c2, dw,
     if HAS_DROPOUT:
         dropped = dx.to(ACC) * _keep_scales(row, start, N, seed, threshold, scale, BLOCK_N, ROW_ALIGNED)
         tl.store(DX_DROPOUT + offsets, dropped.to(DX.dtype.element_ty), mask=mask)
-    return dw + dy * xhat, db + dy
+    return dw, db
 
 
 @triton.jit
