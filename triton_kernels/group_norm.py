@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-GPU_TILE = 2048  # values per tile on a GPU
+GPU_TILE = 2048  # values per tile on a GPU (half for float64: a value takes two registers)
 INTERPRETER_TILE = 1024  # ... and in the interpreter
 CHUNK_ROW_BYTES = 128  # a chunk grows (doubling its groups) until its rows are this long
 NUM_WARPS = 4
@@ -1001,9 +1001,9 @@ def _chunk_groups(G, D, itemsize, tile):
 def _tiles(C, G, S, stride_c, itemsize, device):
     """(family, tile constexprs) for x (N, C, S) in G groups: "chunk" where channels are
     adjacent in memory (stride_c == 1, C > 1: channels-last) and a group's lanes fit a
-    tile, else "group". A tile holds about GPU_TILE values (INTERPRETER_TILE in the
-    interpreter)."""
-    tile = GPU_TILE if device.type == "cuda" else INTERPRETER_TILE
+    tile, else "group". A tile holds about GPU_TILE values, half as many of float64
+    (INTERPRETER_TILE in the interpreter)."""
+    tile = (GPU_TILE if itemsize <= 4 else GPU_TILE // 2) if device.type == "cuda" else INTERPRETER_TILE
     D = C // G
     if stride_c == 1 and C > 1 and triton.next_power_of_2(D) <= tile:
         groups = _chunk_groups(G, D, itemsize, tile)
