@@ -55,7 +55,11 @@ import torch
 import triton
 import triton.language as tl
 
-GPU_TILE = 2048  # values per tile on a GPU (half for float64: a value takes two registers)
+GPU_TILE = 2048  # values per tile on a GPU
+# ... and per "group" tile of float64 (two registers a value): its backward sums keep two
+# accumulator tiles and the SiLU derivative live, 168 registers at GPU_TILE (spilling
+# under triton 3.9); the "chunk" kernels, with less live, keep GPU_TILE
+GPU_GROUP_TILE_FLOAT64 = GPU_TILE // 2
 INTERPRETER_TILE = 1024  # ... and in the interpreter
 CHUNK_ROW_BYTES = 128  # a chunk grows (doubling its groups) until its rows are this long
 NUM_WARPS = 4
@@ -1001,15 +1005,17 @@ def _chunk_groups(G, D, itemsize, tile):
 def _tiles(C, G, S, stride_c, itemsize, device):
     """(family, tile constexprs) for x (N, C, S) in G groups: "chunk" where channels are
     adjacent in memory (stride_c == 1, C > 1: channels-last) and a group's lanes fit a
-    tile, else "group". A tile holds about GPU_TILE values, half as many of float64
-    (INTERPRETER_TILE in the interpreter)."""
-    tile = (GPU_TILE if itemsize <= 4 else GPU_TILE // 2) if device.type == "cuda" else INTERPRETER_TILE
+    tile, else "group". A tile holds about GPU_TILE values (INTERPRETER_TILE in the
+    interpreter)."""
+    tile = GPU_TILE if device.type == "cuda" else INTERPRETER_TILE
     D = C // G
     if stride_c == 1 and C > 1 and triton.next_power_of_2(D) <= tile:
         groups = _chunk_groups(G, D, itemsize, tile)
         block_c = triton.next_power_of_2(groups * D)
         block_s = min(triton.next_power_of_2(max(S, 1)), max(1, tile // block_c))
         return "chunk", dict(GROUPS=groups, BLOCK_C=block_c, BLOCK_S=block_s)
+    if device.type == "cuda" and itemsize == 8:
+        tile = GPU_GROUP_TILE_FLOAT64
     block_s = min(triton.next_power_of_2(max(S, 1)), tile)
     block_d = min(triton.next_power_of_2(D), max(1, tile // block_s), 64)
     return "group", dict(BLOCK_D=block_d, BLOCK_S=max(1, min(block_s, tile // block_d)))
