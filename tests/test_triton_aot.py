@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from tests import kernel_launches, triton_aot  # noqa: E402
 
@@ -28,6 +28,19 @@ FAMILIES = {
     "batch_norm": kernel_launches.BATCH_NORM,
 }
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+# Variants that an older triton compiles with spills (its code for the same kernel needs
+# more registers), by the first triton that compiles them without; from the sm_90 compile
+# of triton 3.6.0, 3.7.1, 3.8.0 and 3.9.0. Under an older triton they fail as expected
+# (strict: a clean compile fails the test, so the table stays true). Whether the spills
+# cost time on a GPU awaits a GPU run. Another triton for this file alone:
+# `pip install --no-deps --target DIR triton==3.6.0`, then PYTHONPATH=DIR:. pytest ...
+SPILL_FREE_FROM = {
+    "layer_norm-bf16-n16384:_norm_bwd_kernel": (3, 8),
+    "dropout_norm-rms_norm-bf16-n16384:_norm_bwd_kernel": (3, 8),
+    "group_norm-bf16-channels_last-sd-c320-64x64:_gn_chunk_dx_kernel": (3, 7),
+    "group_norm-fp16-channels_last-sd-c320-64x64:_gn_chunk_dx_kernel": (3, 7),
+}
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,20 +57,34 @@ def _params(family):
     return [pytest.param(family, case, id=case.id) for case in _cases(family)]
 
 
-def _all_params():
-    return [param for family in FAMILIES for param in _params(family)]
+def _spill_params():
+    """Every family's variants, those that SPILL_FREE_FROM says this triton spills marked so."""
+    params = []
+    for family in FAMILIES:
+        for case in _cases(family):
+            marks = ()
+            if TRITON_VERSION < SPILL_FREE_FROM.get(case.id, (0, 0)):
+                reason = f"triton {triton.__version__} compiles it with spills (SPILL_FREE_FROM)"
+                marks = pytest.mark.xfail(reason=reason, strict=True, raises=AssertionError)
+            params.append(pytest.param(family, case, id=case.id, marks=marks))
+    return params
 
 
 def _itemsize(case, pointer):
     return ITEMSIZE[case.signature[pointer].lstrip("*")]
 
 
-@pytest.mark.parametrize("family, case", _all_params())
+@pytest.mark.parametrize("family, case", _spill_params())
 def test_compiles_without_spills(family, case):
     """The variant compiles for sm_90 and keeps its values in registers: a stack frame
     means spills to local memory (a Triton kernel has no local arrays)."""
     usage = triton_aot.usage_of(_compiled(family), case)
     assert usage["STACK"] == 0, f"{usage['STACK']} bytes of stack per thread (spills) at {usage['REG']} registers"
+
+
+def test_spill_table_names_recorded_variants():
+    recorded = {case.id for family in FAMILIES for case in _cases(family)}
+    assert set(SPILL_FREE_FROM) <= recorded, set(SPILL_FREE_FROM) - recorded
 
 
 # ------------------------------------------------------------------------ dropout
