@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "fastreg/drop_block.h"
+#include "fastreg/grid.cuh"
 #include "fastreg/philox.h"
 
 namespace fastreg {
@@ -22,7 +23,7 @@ namespace {
 constexpr int kThreads = 256;
 
 int blocks_for(int64_t work) {
-  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, 65535 * 32));
+  return grid_stride_blocks(work, kThreads);
 }
 
 __global__ void seeds_kernel(uint8_t* __restrict__ seeds, const int64_t* __restrict__ seed_ptr, int64_t points,

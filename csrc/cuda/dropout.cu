@@ -9,17 +9,13 @@
 #include <torch/library.h>
 
 #include "fastreg/dropout_args.h"
+#include "fastreg/grid.cuh"
 #include "fastreg/philox.h"
 
 namespace fastreg {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename scalar_t>
-struct alignas(4 * sizeof(scalar_t)) Vec4 {
-  scalar_t v[4];
-};
 
 template <typename scalar_t>
 __global__ void dropout_elementwise_kernel(DropoutParams<scalar_t> p, bool vectorized) {
@@ -65,25 +61,6 @@ __global__ void dropout_grouped_kernel(DropoutParams<scalar_t> p) {
   }
 }
 
-bool aligned_to(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-// Enough blocks to fill every SM (queried once per device), the rest done by grid striding.
-int max_resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static int sm_count[kMaxDevices] = {};  // 0: not queried yet (a benign race: same value)
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= kMaxDevices || sm_count[device] == 0) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device >= kMaxDevices) return sms * (2048 / kThreads);
-    sm_count[device] = sms;
-  }
-  return sm_count[device] * (2048 / kThreads);
-}
-
 void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offset, int64_t inner,
             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
             at::Tensor& out) {
@@ -97,7 +74,7 @@ void launch(const at::Tensor& x, const at::Tensor& seed, double p, int64_t offse
     const bool vectorized = aligned_to(params.x, vector_bytes) && aligned_to(params.out, vector_bytes) &&
                             (!params.residual || aligned_to(params.residual, vector_bytes));
     const int64_t work = inner == 1 ? (params.numel + 3) / 4 : params.numel;
-    const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks()));
+    const int blocks = grid_stride_blocks(work, kThreads);
     if (inner == 1) {
       dropout_elementwise_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(params, vectorized);
     } else {

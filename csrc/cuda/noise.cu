@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fastreg/grid.cuh"
 #include "fastreg/noise_args.h"
 #include "fastreg/normal.h"
 #include "fastreg/philox.h"
@@ -19,32 +20,8 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t>
-struct alignas(4 * sizeof(scalar_t)) Vec4 {
-  scalar_t v[4];
-};
-
-bool aligned_to(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-// Enough blocks to fill every SM (queried once per device), the rest done by grid striding.
-int max_resident_blocks() {
-  constexpr int kMaxDevices = 64;
-  static int sm_count[kMaxDevices] = {};  // 0: not queried yet (a benign race: same value)
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= kMaxDevices || sm_count[device] == 0) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device >= kMaxDevices) return sms * (2048 / kThreads);
-    sm_count[device] = sms;
-  }
-  return sm_count[device] * (2048 / kThreads);
-}
-
 int blocks_for(int64_t work) {
-  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_resident_blocks()));
+  return grid_stride_blocks(work, kThreads);
 }
 
 // out = x * (1 + std * n) (multiplicative) or x + std * n, in the accumulate type

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "fastreg/contiguous_lists.h"
+#include "fastreg/grid.cuh"
 
 namespace fastreg {
 namespace {
@@ -440,10 +441,6 @@ void check_args(const char* op, at::TensorList params, at::TensorList grads, con
   for (const StateList& state : states) {
     check_list(op, state.name, state.tensors, params, masters, /*is_state=*/true, state.required);
   }
-}
-
-bool aligned_to(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 void* pointer_or_null(at::TensorList tensors, size_t i) {
