@@ -121,6 +121,55 @@ def test_dtypes(backend, dtype):
     _close(y.double(), reference, dtype)
 
 
+# Shapes past the CPU kernels' vector widths and pieces (csrc/cpu/batch_norm.cpp): channel
+# blocks of 64 float32 lanes with a remainder (C = 80), rows of more than a 1024-value
+# piece (C = 1100 channels-last, S = 1200 contiguous), and channels-last positions that are
+# not packed (every other column of a wider tensor).
+CPU_SHAPES = {
+    "NC-C80": lambda: torch.randn(70, 80),
+    "channels_last-C1100": lambda: torch.randn(2, 1100, 3, 2).contiguous(memory_format=torch.channels_last),
+    "contiguous-S1200": lambda: torch.randn(3, 5, 40, 30),
+    "channels_last-strided": lambda: torch.randn(2, 80, 4, 10).contiguous(memory_format=torch.channels_last)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("shape", list(CPU_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp64", "fp16", "bf16"])
+def test_cpu_vector_paths_match_float64(shape, dtype):
+    """The CPU kernels' vector, piece and remainder paths, forward and backward, against
+    torch's batch_norm in float64 on the same (rounded) values."""
+    skip_unless_runs("cpu")
+    x = (CPU_SHAPES[shape]() * 3 + 2).to(dtype)
+    channels = x.shape[1]
+    weight, bias = torch.randn(channels, dtype=dtype), torch.randn(channels, dtype=dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    with fastreg.use_backend("cpu"):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = F.batch_norm(inputs[0], None, None, inputs[1], inputs[2], training=True)
+        y.backward(grad)
+    reference = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = torch.nn.functional.batch_norm(reference[0], None, None, reference[1], reference[2], training=True)
+    y_ref.backward(grad.double())
+    count = x.numel() // channels
+    _close(y.double(), y_ref.detach(), dtype)
+    _close(inputs[0].grad.double(), reference[0].grad, dtype)
+    for ours, ref in zip(inputs[1:], reference[1:]):
+        _close(ours.grad.double(), ref.grad, dtype, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_16_bit_values_round_trip(dtype):
+    """Every 16-bit pattern through the CPU kernels' conversions to float and back
+    (csrc/cpu/convert.cpp): an eval BatchNorm with mean 0, variance 1 and eps 0 is
+    y = (x - 0) * 1 + 0, exact in float, so y == x (NaNs stay NaN; -0 becomes +0)."""
+    skip_unless_runs("cpu")
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 2)
+    with fastreg.use_backend("cpu"):
+        y = F.batch_norm(x, torch.zeros(2), torch.ones(2), training=False, eps=0.0)
+    torch.testing.assert_close(y.float(), x.float(), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_input_with_float32_parameters(backend, dtype):
     """As under autocast: fp16/bf16 activations, fp32 weights and running statistics."""

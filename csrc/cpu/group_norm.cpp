@@ -51,60 +51,7 @@ __attribute__((always_inline)) inline const acc_t* rows_as_acc(const scalar_t* _
   return buf;
 }
 
-// (sum g, sum g * (x - mean)) over n values, in vector lanes, in a fixed order.
-template <typename acc_t>
-__attribute__((always_inline)) inline std::pair<acc_t, acc_t> dual_sum(const acc_t* __restrict g,
-                                                                       const acc_t* __restrict x, acc_t mean,
-                                                                       int64_t n) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kWidth<acc_t>;
-  V sum_g = {}, sum_gx = {}, sum_g1 = {}, sum_gx1 = {};  // two accumulators each: hides the add latency
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V g0 = load(g + i), g1 = load(g + i + W);
-    sum_g += g0;
-    sum_gx += g0 * (load(x + i) - mean);
-    sum_g1 += g1;
-    sum_gx1 += g1 * (load(x + i + W) - mean);
-  }
-  for (; i + W <= n; i += W) {
-    const V gi = load(g + i);
-    sum_g += gi;
-    sum_gx += gi * (load(x + i) - mean);
-  }
-  acc_t total_g = sum_lanes(sum_g + sum_g1), total_gx = sum_lanes(sum_gx + sum_gx1);
-  for (; i < n; ++i) {
-    total_g += g[i];
-    total_gx += g[i] * (x[i] - mean);
-  }
-  return {total_g, total_gx};
-}
-
 // ------------------------------------------------------------------ contiguous layout
-
-// (sum d, sum d^2) of d = x - shift over n values, in vector lanes, in a fixed order.
-template <typename acc_t>
-__attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const acc_t* __restrict x, acc_t shift,
-                                                                           int64_t n) {
-  using V = Vec<acc_t>;
-  constexpr int64_t W = kWidth<acc_t>;
-  V sum_d = {}, sum_dd = {}, sum_d1 = {}, sum_dd1 = {};  // two accumulators each: hides the add latency
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V d0 = load(x + i) - shift, d1 = load(x + i + W) - shift;
-    sum_d += d0;
-    sum_dd += d0 * d0;
-    sum_d1 += d1;
-    sum_dd1 += d1 * d1;
-  }
-  acc_t total_d = sum_lanes(sum_d + sum_d1), total_dd = sum_lanes(sum_dd + sum_dd1);
-  for (; i < n; ++i) {
-    const acc_t d = x[i] - shift;
-    total_d += d;
-    total_dd += d * d;
-  }
-  return {total_d, total_dd};
-}
 
 // Group ng = n * G + g: statistics in one pass of sums of d = x - shift (shift: the
 // group's first value, so a large mean costs no precision; var = mean(d^2) - mean(d)^2),
@@ -202,6 +149,7 @@ struct ChannelArrays {
   acc_t* operator[](int64_t i) { return storage.data() + i * C; }
 };
 
+// A vector of kWideBytes of acc_t from W consecutive values of scalar_t.
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
 template <typename scalar_t>
@@ -221,12 +169,27 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
     sum_d[c] = 0;
     sum_dd[c] = 0;
   }
-  for (int64_t s = 0; s < S; ++s) {
-    const scalar_t* __restrict xr = xn + s * a.stride_s;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(xr[c]) - shift[c];
-      sum_d[c] += d;
-      sum_dd[c] += d * d;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = Vec<acc_t, kWideBytes>;
+    channel_block_sums(
+        S, C, C * static_cast<int64_t>(sizeof(scalar_t)),
+        [&](int64_t s, int64_t c) {
+          const V d = load<acc_t, kWideBytes>(xn + s * a.stride_s + c) - load<acc_t, kWideBytes>(shift + c);
+          return std::pair<V, V>(d, d * d);
+        },
+        [&](int64_t s, int64_t c) {
+          const acc_t d = xn[s * a.stride_s + c] - shift[c];
+          return std::pair<acc_t, acc_t>(d, d * d);
+        },
+        sum_d, sum_dd);
+  } else {  // converted a value at a time: the loop GCC vectorizes best for 16-bit types
+    for (int64_t s = 0; s < S; ++s) {
+      const scalar_t* __restrict xr = xn + s * a.stride_s;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = static_cast<acc_t>(xr[c]) - shift[c];
+        sum_d[c] += d;
+        sum_dd[c] += d * d;
+      }
     }
   }
   const acc_t M = static_cast<acc_t>(D * S);

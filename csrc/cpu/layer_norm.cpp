@@ -14,6 +14,7 @@
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
 #include "column_sums.h"
+#include "convert.h"
 #include "parallel.h"
 #include "vectorize.h"
 
@@ -24,23 +25,12 @@ namespace {
 // chunks per core, and few enough that the partials stay small.
 constexpr int64_t kMaxWeightChunks = 64;
 
-// The row as acc_t values: x itself when it is stored as acc_t, else converted into buf.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-inline const acc_t* as_acc(const scalar_t* __restrict x, int64_t n, acc_t* __restrict buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return x;
-  } else {
-    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(x[j]);
-    return buf;
-  }
-}
-
 // Statistics of the row v, then y. Two passes for the statistics, the second from L1:
 // the mean of v - v[0] (shifted, so a large mean costs no precision), then the squared
 // deviations from the mean.
 template <typename scalar_t, typename h_t, typename acc_t>
 __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
-                                                         const acc_t* __restrict v) {
+                                                         const acc_t* __restrict v, acc_t* __restrict y_buf) {
   const int64_t n = a.n;
   acc_t mean = 0;
   if (a.mean) {
@@ -62,27 +52,38 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<sca
       for (; j + W <= n; j += W) store(y + j, (at(v + j) - mean) * rstd * at(w + j));
     }
   }
-  for (; j < n; ++j) {
-    acc_t out = (v[j] - mean) * rstd;
-    if (w) out = out * w[j];
-    if (b) out = out + b[j];
-    y[j] = static_cast<scalar_t>(out);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; j < n; ++j) {
+      acc_t out = (v[j] - mean) * rstd;
+      if (w) out = out * w[j];
+      if (b) out = out + b[j];
+      y[j] = out;
+    }
+  } else {  // 16-bit y: computed into y_buf, then narrowed
+    for (; j < n; ++j) {
+      acc_t out = (v[j] - mean) * rstd;
+      if (w) out = out * w[j];
+      if (b) out = out + b[j];
+      y_buf[j] = out;
+    }
+    narrow_from_float(y_buf, y, n);
   }
   if (a.mean) a.mean[row] = mean;
   a.rstd[row] = rstd;
 }
 
 // One row. Plain norm: straight from x. Fused: h = residual + dropout(x) is formed in v
-// (and stored), then normalized. v and multiplier are scratch rows.
+// (and stored), then normalized. v, multiplier and y_buf (16-bit y) are scratch rows.
 template <typename scalar_t, typename h_t>
 FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                             acc_type<scalar_t>* __restrict v,
-                                            acc_type<scalar_t>* __restrict multiplier) {
+                                            acc_type<scalar_t>* __restrict multiplier,
+                                            acc_type<scalar_t>* __restrict y_buf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = a.n, base = row * n;
   const scalar_t* __restrict x = a.x + base;
   if (!a.fused) {
-    normalize_row(a, row, as_acc(x, n, v));
+    normalize_row(a, row, as_acc(x, v, n), y_buf);
     return;
   }
   if (a.seed) {
@@ -105,7 +106,7 @@ FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& 
   } else if constexpr (!std::is_same_v<h_t, acc_t>) {
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(static_cast<h_t>(v[j]));
   }
-  normalize_row(a, row, static_cast<const acc_t*>(v));
+  normalize_row(a, row, static_cast<const acc_t*>(v), y_buf);
 }
 
 template <typename scalar_t, typename h_t>
@@ -118,19 +119,21 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
     const bool convert = a.fused || !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0);
-    for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data());
+    constexpr bool narrow = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0), y_buf(narrow ? a.n : 0);
+    for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data(), y_buf.data());
   });
 }
 
 // Rows [first, last): dx, and their dweight / dbias sums added into dw, db (one chunk's
 // partials). Two passes per row: the sums (with dw, db), then dx. With xhat = (x - mean)
 // * rstd and g = dy * w: dx = rstd * (g - mean(g * xhat) * xhat - mean(g)) (no mean(g)
-// term for RMSNorm), plus dh. x_buf and dy_buf are scratch rows.
+// term for RMSNorm), plus dh. x_buf, dy_buf and dx_buf (16-bit dx) are scratch rows.
 template <typename scalar_t>
 FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdParams<scalar_t>& a, int64_t first, int64_t last,
                                       acc_type<scalar_t>* __restrict dw, acc_type<scalar_t>* __restrict db,
                                       acc_type<scalar_t>* __restrict x_buf, acc_type<scalar_t>* __restrict dy_buf,
+                                      acc_type<scalar_t>* __restrict dx_buf,
                                       acc_type<scalar_t>* __restrict multiplier) {
   using acc_t = acc_type<scalar_t>;
   using V = Vec<acc_t>;
@@ -138,8 +141,8 @@ FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdParams<scalar_t>& a, int64_t 
   const int64_t n = a.n;
   const acc_t* __restrict w = a.weight;
   for (int64_t row = first; row < last; ++row) {
-    const acc_t* __restrict x = as_acc(a.x + row * n, n, x_buf);
-    const acc_t* __restrict dy = as_acc(a.dy + row * n, n, dy_buf);
+    const acc_t* __restrict x = as_acc(a.x + row * n, x_buf, n);
+    const acc_t* __restrict dy = as_acc(a.dy + row * n, dy_buf, n);
     const acc_t mean = a.mean ? a.mean[row] : acc_t(0), rstd = a.rstd[row];
     V sum_gx = {}, sum_g = {};
     int64_t j = 0;
@@ -172,11 +175,21 @@ FASTREG_CPU_CLONES void norm_bwd_rows(const NormBwdParams<scalar_t>& a, int64_t 
         store(dx + j, value);
       }
     }
-    for (; j < n; ++j) {
-      const acc_t xhat = (x[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
-      acc_t value = (g - xhat * c1 - c2) * rstd;
-      if (dh) value += static_cast<acc_t>(dh[j]);
-      dx[j] = static_cast<scalar_t>(value);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (; j < n; ++j) {
+        const acc_t xhat = (x[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+        acc_t value = (g - xhat * c1 - c2) * rstd;
+        if (dh) value += dh[j];
+        dx[j] = value;
+      }
+    } else {  // 16-bit dx: computed into dx_buf, then narrowed
+      for (; j < n; ++j) {
+        const acc_t xhat = (x[j] - mean) * rstd, g = w ? dy[j] * w[j] : dy[j];
+        acc_t value = (g - xhat * c1 - c2) * rstd;
+        if (dh) value += static_cast<acc_t>(dh[j]);
+        dx_buf[j] = value;
+      }
+      narrow_from_float(dx_buf, dx, n);
     }
     if (a.dx_dropout) {  // the fused block's dx: forward's mask, regenerated, on the rounded dx
       keep_multipliers(static_cast<uint64_t>(row * n), n, static_cast<uint64_t>(*a.seed), a.threshold, a.scale,
@@ -225,14 +238,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const auto a = norm_bwd_params<scalar_t>(buffers, is_rms, seed, p);
     at::parallel_for(0, chunks, grain_for(chunk_rows * n), [&](int64_t chunk_begin, int64_t chunk_end) {
       const bool convert = !std::is_same_v<scalar_t, acc_t>;
-      std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), multiplier(a.dx_dropout ? n : 0);
+      std::vector<acc_t> x_buf(convert ? n : 0), dy_buf(convert ? n : 0), dx_buf(convert ? n : 0),
+          multiplier(a.dx_dropout ? n : 0);
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         acc_t* dw = a.dw_partial + chunk * n;
         acc_t* db = a.db_partial + chunk * n;
         std::fill(dw, dw + n, acc_t(0));
         std::fill(db, db + n, acc_t(0));
         norm_bwd_rows(a, chunk * chunk_rows, std::min(m, (chunk + 1) * chunk_rows), dw, db, x_buf.data(),
-                      dy_buf.data(), multiplier.data());
+                      dy_buf.data(), dx_buf.data(), multiplier.data());
       }
     });
     dweight = weight.has_value() ? column_sums_cpu<acc_t>(buffers.dw_partial, chunks, w_dtype) : empty();

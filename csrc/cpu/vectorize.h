@@ -3,6 +3,7 @@
 // on CPUs that have them), Philox calls in batches the compiler vectorizes, and explicit
 // vectors for sums (a plain floating-point reduction cannot be vectorized without
 // reassociating it; separate vector lanes can).
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -143,6 +144,102 @@ __attribute__((always_inline)) inline T vector_sum(const T* __restrict v, int64_
   T total = sum_lanes(a0 + a1);
   for (; i < n; ++i) total += f(v[i]);
   return total;
+}
+
+// (sum g, sum g * (x - mean)) over n values, in vector lanes, in a fixed order.
+template <typename acc_t>
+__attribute__((always_inline)) inline std::pair<acc_t, acc_t> dual_sum(const acc_t* __restrict g,
+                                                                       const acc_t* __restrict x, acc_t mean,
+                                                                       int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  V sum_g = {}, sum_gx = {}, sum_g1 = {}, sum_gx1 = {};  // two accumulators each: hides the add latency
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V g0 = load(g + i), g1 = load(g + i + W);
+    sum_g += g0;
+    sum_gx += g0 * (load(x + i) - mean);
+    sum_g1 += g1;
+    sum_gx1 += g1 * (load(x + i + W) - mean);
+  }
+  for (; i + W <= n; i += W) {
+    const V gi = load(g + i);
+    sum_g += gi;
+    sum_gx += gi * (load(x + i) - mean);
+  }
+  acc_t total_g = sum_lanes(sum_g + sum_g1), total_gx = sum_lanes(sum_gx + sum_gx1);
+  for (; i < n; ++i) {
+    total_g += g[i];
+    total_gx += g[i] * (x[i] - mean);
+  }
+  return {total_g, total_gx};
+}
+
+// (sum d, sum d^2) of d = x - shift over n values, in vector lanes, in a fixed order.
+template <typename acc_t>
+__attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const acc_t* __restrict x, acc_t shift,
+                                                                           int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kWidth<acc_t>;
+  V sum_d = {}, sum_dd = {}, sum_d1 = {}, sum_dd1 = {};  // two accumulators each: hides the add latency
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V d0 = load(x + i) - shift, d1 = load(x + i + W) - shift;
+    sum_d += d0;
+    sum_dd += d0 * d0;
+    sum_d1 += d1;
+    sum_dd1 += d1 * d1;
+  }
+  acc_t total_d = sum_lanes(sum_d + sum_d1), total_dd = sum_lanes(sum_dd + sum_dd1);
+  for (; i < n; ++i) {
+    const acc_t d = x[i] - shift;
+    total_d += d;
+    total_dd += d * d;
+  }
+  return {total_d, total_dd};
+}
+
+// Per-channel sums over the rows of a channels-last loop (a row: the C channels of one
+// position): sum_a[c] += the sum over rows r < rows of a, sum_b[c] += that of b, with
+// (a, b) = vector_terms(r, c) for the kWideBytes vector of channels from c, or
+// scalar_terms(r, c) for channel c alone. Blocks of channels keep their sums in registers
+// while walking a block of rows that stays in L1 (summing into sum_a and sum_b at every
+// row would load and store two sums per value read); the blocks' sums are added in row
+// order, so the order of every sum is fixed. row_bytes: the bytes the terms read per row.
+constexpr int64_t kL1BlockBytes = 16384;
+
+template <typename acc_t, typename VectorTerms, typename ScalarTerms>
+__attribute__((always_inline)) inline void channel_block_sums(int64_t rows, int64_t C, int64_t row_bytes,
+                                                              VectorTerms vector_terms, ScalarTerms scalar_terms,
+                                                              acc_t* __restrict sum_a, acc_t* __restrict sum_b) {
+  using V = Vec<acc_t, kWideBytes>;
+  constexpr int64_t W = kWidth<acc_t, kWideBytes>, kVectors = 4, block_c = kVectors * W;
+  const int64_t block_rows = std::max<int64_t>(1, kL1BlockBytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t blocks_end = C - C % block_c;  // channels [blocks_end, C): one at a time
+  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const int64_t r1 = std::min(rows, r0 + block_rows);
+    for (int64_t c0 = 0; c0 < blocks_end; c0 += block_c) {
+      V a[kVectors] = {}, b[kVectors] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t k = 0; k < kVectors; ++k) {
+          const std::pair<V, V> terms = vector_terms(r, c0 + k * W);
+          a[k] += terms.first;
+          b[k] += terms.second;
+        }
+      }
+      for (int64_t k = 0; k < kVectors; ++k) {
+        store(sum_a + c0 + k * W, load<acc_t, kWideBytes>(sum_a + c0 + k * W) + a[k]);
+        store(sum_b + c0 + k * W, load<acc_t, kWideBytes>(sum_b + c0 + k * W) + b[k]);
+      }
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = blocks_end; c < C; ++c) {
+        const std::pair<acc_t, acc_t> terms = scalar_terms(r, c);
+        sum_a[c] += terms.first;
+        sum_b[c] += terms.second;
+      }
+    }
+  }
 }
 
 }  // namespace fastreg
