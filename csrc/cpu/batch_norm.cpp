@@ -36,14 +36,6 @@ Ncs ncs_strides(const at::Tensor& t) {
   return *v;
 }
 
-// rows of C values `stride` apart, widened into out (rows * C floats): one call where the
-// rows are packed.
-template <typename half_t>
-void widen_rows(const half_t* x, int64_t stride, int64_t rows, int64_t C, float* out) {
-  if (stride == C) return widen_to_float(x, out, rows * C);
-  for (int64_t r = 0; r < rows; ++r) widen_to_float(x + r * stride, out + r * C, C);
-}
-
 // The sums of channel_sums over units [first, last) of a chunk (positions when
 // channels-last, else samples), added into a and b. Unit strides take vector lanes: the
 // channels in registers (channel_block_sums) or each (n, c) row's values (shifted_sums,

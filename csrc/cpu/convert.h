@@ -18,6 +18,14 @@ void widen_to_float(const c10::BFloat16* in, float* out, int64_t n);
 void narrow_from_float(const float* in, c10::Half* out, int64_t n);
 void narrow_from_float(const float* in, c10::BFloat16* out, int64_t n);
 
+// rows of C values `stride` apart, widened into out (rows * C floats): one call where the
+// rows are packed.
+template <typename half_t>
+inline void widen_rows(const half_t* in, int64_t stride, int64_t rows, int64_t C, float* out) {
+  if (stride == C) return widen_to_float(in, out, rows * C);
+  for (int64_t r = 0; r < rows; ++r) widen_to_float(in + r * stride, out + r * C, C);
+}
+
 // in[0, n) as acc_t: in itself when it is stored as acc_t, else widened into buf.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* in, acc_t* buf, int64_t n) {

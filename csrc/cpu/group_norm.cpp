@@ -22,6 +22,7 @@
 #include "fastreg/gn_steps.h"
 #include "fastreg/welford.h"
 #include "column_sums.h"
+#include "convert.h"
 #include "parallel.h"
 #include "vectorize.h"
 
@@ -45,8 +46,10 @@ __attribute__((always_inline)) inline const acc_t* rows_as_acc(const scalar_t* _
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (row_stride == S || rows == 1) return first_row;
   }
-  for (int64_t j = 0; j < rows; ++j) {
-    for (int64_t s = 0; s < S; ++s) buf[j * S + s] = static_cast<acc_t>(first_row[j * row_stride + s]);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < rows; ++j) std::memcpy(buf + j * S, first_row + j * row_stride, S * sizeof(acc_t));
+  } else {
+    widen_rows(first_row, row_stride, rows, S, buf);
   }
   return buf;
 }
@@ -78,15 +81,28 @@ FASTREG_CPU_CLONES_AVX512 void fwd_group(const GnParams<scalar_t>& a, int64_t ng
   for (int64_t j = 0; j < D; ++j) {
     const int64_t c = g * D + j;
     const acc_t scale = a.weight ? rstd * a.weight[c] : rstd, shift_out = a.bias ? a.bias[c] : acc_t(0);
-    const acc_t* __restrict vr = v + j * S;
     scalar_t* __restrict y = a.out + offset + j * a.stride_c;
-    if (a.silu) {
-      for (int64_t s = 0; s < S; ++s) {
-        const acc_t z = (vr[s] - mean) * scale + shift_out;
-        y[s] = static_cast<scalar_t>(silu_from_exp(z, exp_minus(z)));
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      const acc_t* __restrict vr = v + j * S;
+      if (a.silu) {
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t z = (vr[s] - mean) * scale + shift_out;
+          y[s] = silu_from_exp(z, exp_minus(z));
+        }
+      } else {
+        for (int64_t s = 0; s < S; ++s) y[s] = (vr[s] - mean) * scale + shift_out;
       }
-    } else {
-      for (int64_t s = 0; s < S; ++s) y[s] = static_cast<scalar_t>((vr[s] - mean) * scale + shift_out);
+    } else {  // 16-bit y: computed over the row's converted values in buf, then narrowed
+      acc_t* row = const_cast<acc_t*>(v) + j * S;
+      if (a.silu) {
+        for (int64_t s = 0; s < S; ++s) {
+          const acc_t z = (row[s] - mean) * scale + shift_out;
+          row[s] = silu_from_exp(z, exp_minus(z));
+        }
+      } else {
+        for (int64_t s = 0; s < S; ++s) row[s] = (row[s] - mean) * scale + shift_out;
+      }
+      narrow_from_float(row, y, S);
     }
   }
 }
@@ -132,9 +148,15 @@ FASTREG_CPU_CLONES_AVX512 void bwd_group(const GnParams<scalar_t>& a, int64_t ng
     const int64_t c = g * D + j;
     const acc_t k_g = a.weight ? rstd * a.weight[c] : rstd, k_x = k.k_x, k_one = k.k_one;
     const acc_t* __restrict xr = x + j * S;
-    const acc_t* __restrict gr = grad + j * S;
     scalar_t* __restrict dx = a.out + offset + j * a.stride_c;
-    for (int64_t s = 0; s < S; ++s) dx[s] = static_cast<scalar_t>(gr[s] * k_g + (xr[s] - mean) * k_x + k_one);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      const acc_t* __restrict gr = grad + j * S;
+      for (int64_t s = 0; s < S; ++s) dx[s] = gr[s] * k_g + (xr[s] - mean) * k_x + k_one;
+    } else {  // 16-bit dx: computed over the row's converted gradient in bufs, then narrowed
+      acc_t* row = const_cast<acc_t*>(grad) + j * S;
+      for (int64_t s = 0; s < S; ++s) row[s] = row[s] * k_g + (xr[s] - mean) * k_x + k_one;
+      narrow_from_float(row, dx, S);
+    }
   }
 }
 
@@ -149,7 +171,16 @@ struct ChannelArrays {
   acc_t* operator[](int64_t i) { return storage.data() + i * C; }
 };
 
-// A vector of kWideBytes of acc_t from W consecutive values of scalar_t.
+// 16-bit rows are converted into float scratch a piece of up to this many values at a time.
+constexpr int64_t kPieceValues = 1024;
+
+// Channel arrays of fwd_sample: six named ones, then the scratch rows of 16-bit inputs.
+template <typename scalar_t>
+ChannelArrays<acc_type<scalar_t>> fwd_sample_arrays(int64_t C) {
+  const bool widened = !std::is_same_v<scalar_t, acc_type<scalar_t>>;
+  return ChannelArrays<acc_type<scalar_t>>(6 + (widened ? std::max<int64_t>(1, kPieceValues / C) : 0), C);
+}
+
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
 template <typename scalar_t>
@@ -163,34 +194,39 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
   acc_t* __restrict mean_c = arrays[3];
   acc_t* __restrict scale_c = arrays[4];
   acc_t* __restrict shift_out = arrays[5];
+  acc_t* scratch = arrays[6];  // 16-bit inputs: max(1, kPieceValues / C) rows of C values
   const scalar_t* __restrict xn = a.x + n * a.stride_n;
   for (int64_t c = 0; c < C; ++c) {
     shift[c] = static_cast<acc_t>(xn[(c / D) * D]);
     sum_d[c] = 0;
     sum_dd[c] = 0;
   }
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    using V = Vec<acc_t, kWideBytes>;
+  // rows of acc_t values: x itself, or 16-bit rows widened a group at a time into scratch
+  using V = Vec<acc_t, kWideBytes>;
+  const int64_t group = std::is_same_v<scalar_t, acc_t> ? S : std::max<int64_t>(1, kPieceValues / C);
+  for (int64_t s0 = 0; s0 < S; s0 += group) {
+    const int64_t rows = std::min(group, S - s0);
+    const acc_t* __restrict v;
+    int64_t v_stride;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v = xn + s0 * a.stride_s;
+      v_stride = a.stride_s;
+    } else {
+      widen_rows(xn + s0 * a.stride_s, a.stride_s, rows, C, scratch);
+      v = scratch;
+      v_stride = C;
+    }
     channel_block_sums(
-        S, C, C * static_cast<int64_t>(sizeof(scalar_t)),
-        [&](int64_t s, int64_t c) {
-          const V d = load<acc_t, kWideBytes>(xn + s * a.stride_s + c) - load<acc_t, kWideBytes>(shift + c);
+        rows, C, C * static_cast<int64_t>(sizeof(acc_t)),
+        [&](int64_t r, int64_t c) {
+          const V d = load<acc_t, kWideBytes>(v + r * v_stride + c) - load<acc_t, kWideBytes>(shift + c);
           return std::pair<V, V>(d, d * d);
         },
-        [&](int64_t s, int64_t c) {
-          const acc_t d = xn[s * a.stride_s + c] - shift[c];
+        [&](int64_t r, int64_t c) {
+          const acc_t d = v[r * v_stride + c] - shift[c];
           return std::pair<acc_t, acc_t>(d, d * d);
         },
         sum_d, sum_dd);
-  } else {  // converted a value at a time: the loop GCC vectorizes best for 16-bit types
-    for (int64_t s = 0; s < S; ++s) {
-      const scalar_t* __restrict xr = xn + s * a.stride_s;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = static_cast<acc_t>(xr[c]) - shift[c];
-        sum_d[c] += d;
-        sum_dd[c] += d * d;
-      }
-    }
   }
   const acc_t M = static_cast<acc_t>(D * S);
   for (int64_t g = 0; g < G; ++g) {
@@ -215,6 +251,20 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
   for (int64_t s = 0; s < S; ++s) {
     const scalar_t* __restrict xr = xn + s * a.stride_s;
     scalar_t* __restrict yr = yn + s * a.stride_s;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // 16-bit: through the scratch row
+      acc_t* row = scratch;
+      widen_to_float(xr, row, C);
+      if (a.silu) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t z = (row[c] - mean_c[c]) * scale_c[c] + shift_out[c];
+          row[c] = silu_from_exp(z, exp_minus(z));
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) row[c] = (row[c] - mean_c[c]) * scale_c[c] + shift_out[c];
+      }
+      narrow_from_float(row, yr, C);
+      continue;
+    }
     if (a.silu) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t z = (static_cast<acc_t>(xr[c]) - mean_c[c]) * scale_c[c] + shift_out[c];
@@ -334,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
       const auto a = gn_fwd_params<scalar_t>(in, w, b, silu, eps, y, mean, rstd);
       if (in.channels_last) {
         at::parallel_for(0, in.N, grain_for(in.C * in.S), [&](int64_t begin, int64_t end) {
-          ChannelArrays<acc_t> arrays(6, in.C);
+          auto arrays = fwd_sample_arrays<scalar_t>(in.C);
           for (int64_t n = begin; n < end; ++n) fwd_sample(a, n, arrays);
         });
       } else {
