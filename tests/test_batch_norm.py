@@ -161,12 +161,14 @@ def test_cpu_vector_paths_match_float64(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_16_bit_values_round_trip(dtype):
     """Every 16-bit pattern through the CPU kernels' conversions to float and back
-    (csrc/cpu/convert.cpp): an eval BatchNorm with mean 0, variance 1 and eps 0 is
-    y = (x - 0) * 1 + 0, exact in float, so y == x (NaNs stay NaN; -0 becomes +0)."""
+    (csrc/cpu/convert.cpp): an eval BatchNorm with mean 0 and variance + eps exactly 1
+    (eps 0 is an error before torch 2.14) is y = (x - 0) * 1 + 0, exact in float, so
+    y == x (NaNs stay NaN; -0 becomes +0)."""
     skip_unless_runs("cpu")
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 2)
+    eps = 2.0**-20
     with fastreg.use_backend("cpu"):
-        y = F.batch_norm(x, torch.zeros(2), torch.ones(2), training=False, eps=0.0)
+        y = F.batch_norm(x, torch.zeros(2), torch.full((2,), 1 - eps), training=False, eps=eps)
     torch.testing.assert_close(y.float(), x.float(), rtol=0, atol=0, equal_nan=True)
 
 
