@@ -123,13 +123,18 @@ def test_dtypes(backend, dtype):
 
 # Shapes past the CPU kernels' vector widths and pieces (csrc/cpu/batch_norm.cpp): channel
 # blocks of 64 float32 lanes with a remainder (C = 80), rows of more than a 1024-value
-# piece (C = 1100 channels-last, S = 1200 contiguous), and channels-last positions that are
-# not packed (every other column of a wider tensor).
+# piece (C = 1100 channels-last, S = 1200 contiguous), channels-last positions that are not
+# packed (every other column of a wider tensor), and (N, C) rows one sample stride apart
+# that are not packed either (a column range: rows of 200 values 300 apart). Each is a
+# view of values drawn in the dtype, so that the kernels see its strides.
 CPU_SHAPES = {
-    "NC-C80": lambda: torch.randn(70, 80),
-    "channels_last-C1100": lambda: torch.randn(2, 1100, 3, 2).contiguous(memory_format=torch.channels_last),
-    "contiguous-S1200": lambda: torch.randn(3, 5, 40, 30),
-    "channels_last-strided": lambda: torch.randn(2, 80, 4, 10).contiguous(memory_format=torch.channels_last)[..., ::2],
+    "NC-C80": lambda dtype: torch.randn(70, 80, dtype=dtype),
+    "NC-column_range": lambda dtype: torch.randn(70, 300, dtype=dtype)[:, 10:210],
+    "channels_last-C1100": lambda dtype: torch.randn(2, 1100, 3, 2, dtype=dtype).contiguous(
+        memory_format=torch.channels_last),
+    "contiguous-S1200": lambda dtype: torch.randn(3, 5, 40, 30, dtype=dtype),
+    "channels_last-strided": lambda dtype: torch.randn(2, 80, 4, 10, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)[..., ::2],
 }
 
 
@@ -140,12 +145,13 @@ def test_cpu_vector_paths_match_float64(shape, dtype):
     """The CPU kernels' vector, piece and remainder paths, forward and backward, against
     torch's batch_norm in float64 on the same (rounded) values."""
     skip_unless_runs("cpu")
-    x = (CPU_SHAPES[shape]() * 3 + 2).to(dtype)
+    x = CPU_SHAPES[shape](dtype)
+    x.mul_(3).add_(2)  # in place: the view keeps its strides
     channels = x.shape[1]
     weight, bias = torch.randn(channels, dtype=dtype), torch.randn(channels, dtype=dtype)
     grad = torch.randn(x.shape).to(dtype)
     with fastreg.use_backend("cpu"):
-        inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]  # detach keeps the strides
         y = F.batch_norm(inputs[0], None, None, inputs[1], inputs[2], training=True)
         y.backward(grad)
     reference = [t.detach().double().requires_grad_() for t in (x, weight, bias)]

@@ -44,8 +44,8 @@ AFFINE = {"weight+bias": (True, True), "weight": (True, False), "none": (False, 
 
 def _input(shape, memory_format=None, sliced=False, device="cpu", dtype=torch.float32, mean=1.0, scale=2.0):
     if sliced:  # every other position of a wider tensor: not dense
-        wide = torch.randn(*shape[:-1], 2 * shape[-1], device=device) * scale + mean
-        return wide[..., ::2].to(dtype)
+        wide = (torch.randn(*shape[:-1], 2 * shape[-1], device=device) * scale + mean).to(dtype)
+        return wide[..., ::2]
     x = (torch.randn(shape, device=device) * scale + mean).to(dtype)
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
 
@@ -62,7 +62,8 @@ def _torch_group_norm(x, groups, w, b, silu, eps=1e-5):
 
 
 def _outputs_and_grads(fn, x, w, b, grad):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    # detach, not clone: a clone of a view that is not dense is dense
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b)]
     y = fn(*leaves)
     y.backward(grad)
     return y.detach(), [t.grad for t in leaves if t is not None]
