@@ -36,6 +36,10 @@ Ncs ncs_strides(const at::Tensor& t) {
   return *v;
 }
 
+// The distance between positions p and p + 1 (p = n * S + s) where all are equally spaced,
+// else 0. Without spatial dims (S = 1: BatchNorm1d's (N, C)) it is the sample stride.
+int64_t position_step(const Ncs& v) { return v.S == 1 ? v.sn : v.sn == v.S * v.ss ? v.ss : 0; }
+
 // The sums of channel_sums over units [first, last) of a chunk (positions when
 // channels-last, else samples), added into a and b. Unit strides take vector lanes: the
 // channels in registers (channel_block_sums) or each (n, c) row's values (shifted_sums,
@@ -49,10 +53,10 @@ FASTREG_CPU_CLONES_AVX512 void chunk_sums(const scalar_t* x, const Ncs& sx, cons
   using V = Vec<acc_t, kWideBytes>;
   const int64_t C = sx.C, S = sx.S;
   if (by_positions) {
-    // positions p = n * S + s one stride apart (x, and dy, channels-last contiguous): rows
-    // of C values, taken a group of rows at a time (as acc_t: 16-bit rows widened)
-    const bool flat = sx.sn == S * sx.ss && (!dy || (sdy.sc == 1 && sdy.sn == S * sdy.ss));
-    if (flat) {
+    // positions p = n * S + s one step apart (x, and dy, channels-last): rows of C values,
+    // taken a group of rows at a time (as acc_t: 16-bit rows widened)
+    const int64_t x_step = position_step(sx), g_step = dy ? position_step(sdy) : 0;
+    if (x_step != 0 && (!dy || (sdy.sc == 1 && g_step != 0))) {
       const int64_t group = std::is_same_v<scalar_t, acc_t> ? last - first : std::max<int64_t>(1, kRowPiece / C);
       std::vector<acc_t> x_rows, g_rows;
       if constexpr (!std::is_same_v<scalar_t, acc_t>) {
@@ -62,25 +66,26 @@ FASTREG_CPU_CLONES_AVX512 void chunk_sums(const scalar_t* x, const Ncs& sx, cons
       for (int64_t p0 = first; p0 < last; p0 += group) {
         const int64_t rows = std::min(group, last - p0);
         const acc_t *xg, *gg = nullptr;
-        int64_t x_stride = sx.ss, g_stride = sdy.ss;
+        int64_t x_stride = x_step, g_stride = g_step;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          xg = x + p0 * sx.ss;
-          if (dy) gg = dy + p0 * sdy.ss;
+          xg = x + p0 * x_step;
+          if (dy) gg = dy + p0 * g_step;
         } else {
-          widen_rows(x + p0 * sx.ss, sx.ss, rows, C, x_rows.data());
+          widen_rows(x + p0 * x_step, x_step, rows, C, x_rows.data());
           xg = x_rows.data();
           x_stride = C;
           if (dy) {
-            widen_rows(dy + p0 * sdy.ss, sdy.ss, rows, C, g_rows.data());
+            widen_rows(dy + p0 * g_step, g_step, rows, C, g_rows.data());
             gg = g_rows.data();
             g_stride = C;
           }
         }
-        const int64_t row_bytes = (dy ? 2 : 1) * C * static_cast<int64_t>(sizeof(acc_t));
+        const int64_t block_rows = channel_block_rows<acc_t>(
+            C, (dy ? 2 : 1) * C * static_cast<int64_t>(sizeof(acc_t)), !std::is_same_v<scalar_t, acc_t>);
         const auto load_acc = [](const acc_t* p) { return load<acc_t, kWideBytes>(p); };  // a V from p
         if (dy) {
           channel_block_sums(
-              rows, C, row_bytes,
+              rows, C, block_rows,
               [&](int64_t r, int64_t c) {
                 const V g = load_acc(gg + r * g_stride + c);
                 return std::pair<V, V>(g, g * (load_acc(xg + r * x_stride + c) - load_acc(shift + c)));
@@ -92,7 +97,7 @@ FASTREG_CPU_CLONES_AVX512 void chunk_sums(const scalar_t* x, const Ncs& sx, cons
               a, b);
         } else {
           channel_block_sums(
-              rows, C, row_bytes,
+              rows, C, block_rows,
               [&](int64_t r, int64_t c) {
                 const V d = load_acc(xg + r * x_stride + c) - load_acc(shift + c);
                 return std::pair<V, V>(d, d * d);
@@ -259,15 +264,13 @@ __attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const 
 
 // affine over units [begin, end): channels-last positions (C values each) or (n, c) rows
 // (S values each). Not cloned: on float values it streams from memory, and ran slower in
-// an AVX-512 clone (65536 x 256 float32 on an AMD EPYC, one thread: 5.6 ms in the baseline
-// build, 9 ms); 16-bit values take affine_piece.
+// an AVX-512 clone on an AMD EPYC; 16-bit values take affine_piece.
 template <typename scalar_t, typename acc_t>
-void affine_range(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Ncs& sdy,
-                                            scalar_t* out, const Ncs& so, Coefs<acc_t> k, bool by_positions,
-                                            int64_t begin, int64_t end) {
+void affine_range(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Ncs& sdy, scalar_t* out, const Ncs& so,
+                  Coefs<acc_t> k, bool by_positions, int64_t begin, int64_t end) {
   const int64_t C = so.C, S = so.S;
   // positions one after another in x, out (and dy): the range in one run of rows
-  const auto positions_packed = [&](const Ncs& v) { return v.sc == 1 && v.ss == C && v.sn == S * C; };
+  const auto positions_packed = [&](const Ncs& v) { return v.sc == 1 && position_step(v) == C; };
   if (by_positions && positions_packed(sx) && positions_packed(so) && (!dy || positions_packed(sdy))) {
     affine_rows(x + begin * C, dy ? dy + begin * C : nullptr, out + begin * C, k, true, end - begin, C);
     return;

@@ -217,7 +217,8 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
       v_stride = C;
     }
     channel_block_sums(
-        rows, C, C * static_cast<int64_t>(sizeof(acc_t)),
+        rows, C,
+        channel_block_rows<acc_t>(C, C * static_cast<int64_t>(sizeof(acc_t)), !std::is_same_v<scalar_t, acc_t>),
         [&](int64_t r, int64_t c) {
           const V d = load<acc_t, kWideBytes>(v + r * v_stride + c) - load<acc_t, kWideBytes>(shift + c);
           return std::pair<V, V>(d, d * d);

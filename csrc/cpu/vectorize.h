@@ -202,19 +202,29 @@ __attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const
 // Per-channel sums over the rows of a channels-last loop (a row: the C channels of one
 // position): sum_a[c] += the sum over rows r < rows of a, sum_b[c] += that of b, with
 // (a, b) = vector_terms(r, c) for the kWideBytes vector of channels from c, or
-// scalar_terms(r, c) for channel c alone. Blocks of channels keep their sums in registers
-// while walking a block of rows that stays in L1 (summing into sum_a and sum_b at every
-// row would load and store two sums per value read); the blocks' sums are added in row
-// order, so the order of every sum is fixed. row_bytes: the bytes the terms read per row.
-constexpr int64_t kL1BlockBytes = 16384;
+// scalar_terms(r, c) for channel c alone. Blocks of kChannelBlockVectors vectors of
+// channels keep their sums in registers while walking a block of block_rows rows (summing
+// into sum_a and sum_b at every row would load and store two sums per value read); the
+// blocks' sums are added in row order, so the order of every sum is fixed.
+constexpr int64_t kL1BlockBytes = 16384, kChannelBlockVectors = 4;
+
+// block_rows for channel_block_sums over rows of C acc_t values, row_bytes read per row.
+// Rows in L1 (16-bit rows widened into scratch), or rows of one block of channels (walked
+// in memory order): as many as fit in kL1BlockBytes. Rows read from memory that span
+// several blocks: one, since walking down a block of rows one block of channels at a time
+// reads memory out of order, which the prefetchers follow poorly.
+template <typename acc_t>
+inline int64_t channel_block_rows(int64_t C, int64_t row_bytes, bool rows_in_l1) {
+  if (!rows_in_l1 && C > kChannelBlockVectors * kWidth<acc_t, kWideBytes>) return 1;
+  return std::max<int64_t>(1, kL1BlockBytes / std::max<int64_t>(row_bytes, 1));
+}
 
 template <typename acc_t, typename VectorTerms, typename ScalarTerms>
-__attribute__((always_inline)) inline void channel_block_sums(int64_t rows, int64_t C, int64_t row_bytes,
+__attribute__((always_inline)) inline void channel_block_sums(int64_t rows, int64_t C, int64_t block_rows,
                                                               VectorTerms vector_terms, ScalarTerms scalar_terms,
                                                               acc_t* __restrict sum_a, acc_t* __restrict sum_b) {
   using V = Vec<acc_t, kWideBytes>;
-  constexpr int64_t W = kWidth<acc_t, kWideBytes>, kVectors = 4, block_c = kVectors * W;
-  const int64_t block_rows = std::max<int64_t>(1, kL1BlockBytes / std::max<int64_t>(row_bytes, 1));
+  constexpr int64_t W = kWidth<acc_t, kWideBytes>, kVectors = kChannelBlockVectors, block_c = kVectors * W;
   const int64_t blocks_end = C - C % block_c;  // channels [blocks_end, C): one at a time
   for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
     const int64_t r1 = std::min(rows, r0 + block_rows);
