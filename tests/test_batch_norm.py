@@ -124,7 +124,8 @@ def test_dtypes(backend, dtype):
 # Shapes past the CPU kernels' vector widths and pieces (csrc/cpu/batch_norm.cpp): channel
 # blocks of 64 float32 lanes with a remainder (C = 80), rows of more than a 1024-value
 # piece (C = 1100 channels-last, S = 1200 contiguous), channels-last positions that are not
-# packed (every other column of a wider tensor), and (N, C) rows one sample stride apart
+# packed (every other column of a wider tensor; 320 positions, so that the kernel's chunks
+# of positions hold several rows), and (N, C) rows one sample stride apart
 # that are not packed either (a column range: rows of 200 values 300 apart). Each is a
 # view of values drawn in the dtype, so that the kernels see its strides.
 CPU_SHAPES = {
@@ -133,7 +134,7 @@ CPU_SHAPES = {
     "channels_last-C1100": lambda dtype: torch.randn(2, 1100, 3, 2, dtype=dtype).contiguous(
         memory_format=torch.channels_last),
     "contiguous-S1200": lambda dtype: torch.randn(3, 5, 40, 30, dtype=dtype),
-    "channels_last-strided": lambda dtype: torch.randn(2, 80, 4, 10, dtype=dtype).contiguous(
+    "channels_last-strided": lambda dtype: torch.randn(2, 80, 16, 20, dtype=dtype).contiguous(
         memory_format=torch.channels_last)[..., ::2],
 }
 
