@@ -136,6 +136,32 @@ def test_dtypes(backend, dtype):
     _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_cpu_channels_last_16_bit_rows(dtype, silu):
+    """The CPU kernel's channels-last forward on 16-bit rows converts in registers, 16
+    channels at a time and the rest one at a time (map_half_rows, csrc/cpu/convert.h): C = 40
+    takes both. Against torch and a float64 reference of the same rounded values."""
+    skip_unless_runs("cpu")
+    shape, groups = (2, 40, 6, 5), 4
+    x = _input(shape, torch.channels_last, dtype=dtype)
+    w, b = _params(shape[1], True, True, "cpu", dtype)
+    grad = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def torch_fn(x, w, b):
+        return _torch_group_norm(x, groups, w, b, silu)
+
+    def ours_fn(x, w, b):
+        return F.group_norm(x, groups, w, b, activation="silu" if silu else None)
+
+    with fastreg.use_backend("cpu"):
+        y, grads = _outputs_and_grads(ours_fn, x, w, b, grad)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch_y, torch_grads = _outputs_and_grads(torch_fn, x, w, b, grad)
+    ref_y, ref_grads = _outputs_and_grads(torch_fn, x.double(), w.double(), b.double(), grad.double())
+    _low_precision_close([y, *grads], [torch_y, *torch_grads], [ref_y, *ref_grads], dtype)
+
+
 def _low_precision_close(ours_all, torch_all, ref_all, dtype, names=("y", "dx", "dweight", "dbias")):
     """fp16 / bf16: each error against the float64 reference at most twice torch's, plus
     LOW_PRECISION_ATOL of the reference's scale."""

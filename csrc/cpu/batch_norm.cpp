@@ -221,50 +221,60 @@ __attribute__((always_inline)) inline void affine_values(const acc_t* __restrict
   }
 }
 
-// affine_values on float pieces of 16-bit values: they sit in L1, where the loop is bound by
-// its arithmetic and wide vectors pay (affine_range itself is not cloned, see there).
-template <typename acc_t>
-FASTREG_CPU_CLONES_AVX512 void affine_piece(const acc_t* __restrict x, const acc_t* __restrict dy,
-                                            acc_t* __restrict out, Coefs<acc_t> k, bool per_channel, int64_t rows,
-                                            int64_t n) {
-  for (int64_t r = 0; r < rows; ++r) affine_values(x + r * n, dy ? dy + r * n : nullptr, out + r * n, k, per_channel, n);
+// affine_values on rows of 16-bit values, converted in registers (map_half_rows): cloned,
+// as the loop is bound by its arithmetic, where wide vectors pay (affine_range itself is
+// not, see there).
+template <typename half_t, typename acc_t>
+FASTREG_CPU_CLONES_AVX512 void affine_half_rows(const half_t* x, const half_t* dy, half_t* out, Coefs<acc_t> k,
+                                                bool per_channel, int64_t rows, int64_t width) {
+  const acc_t *mean = k.mean, *coef_x = k.coef_x, *coef_one = k.coef_one, *coef_dy = k.coef_dy;
+  if (per_channel) {
+    const auto norm = [mean, coef_x, coef_one](auto v, int64_t i) __attribute__((always_inline)) {
+      using T = decltype(v);
+      return (v - values_at<T>(mean, i)) * values_at<T>(coef_x, i) + values_at<T>(coef_one, i);
+    };
+    if (dy) {
+      const auto with_dy = [norm, coef_dy](auto v, auto g, int64_t i) __attribute__((always_inline)) {
+        return norm(v, i) + g * values_at<decltype(g)>(coef_dy, i);
+      };
+      map_half_rows(x, dy, out, width, rows, width, with_dy);
+    } else {
+      map_half_rows(x, nullptr, out, width, rows, width, norm);
+    }
+    return;
+  }
+  const acc_t m = *mean, kx = *coef_x, k1 = *coef_one, kdy = dy ? *coef_dy : acc_t(0);
+  const auto norm = [m, kx, k1](auto v, int64_t) __attribute__((always_inline)) { return (v - m) * kx + k1; };
+  if (dy) {
+    const auto with_dy = [norm, kdy](auto v, auto g, int64_t i) __attribute__((always_inline)) {
+      return norm(v, i) + g * kdy;
+    };
+    map_half_rows(x, dy, out, width, rows, width, with_dy);
+  } else {
+    map_half_rows(x, nullptr, out, width, rows, width, norm);
+  }
 }
 
 // affine over `rows` rows of `width` values, stored one after another (x, dy and out):
 // channels-last positions (per_channel: the coefficients of the row's C channels) or one
-// (n, c) row of S values. 16-bit values are converted a piece of up to kRowPiece values at
-// a time: whole rows where they fit, else a column range of one row.
+// (n, c) row of S values.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const scalar_t* dy, scalar_t* out,
                                                        Coefs<acc_t> k, bool per_channel, int64_t rows,
                                                        int64_t width) {
-  acc_t x_piece[kRowPiece], g_piece[kRowPiece], out_piece[kRowPiece];
-  const int64_t piece_rows = std::max<int64_t>(1, kRowPiece / width), piece_cols = std::min(width, kRowPiece);
-  for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
-    const int64_t nr = std::min(piece_rows, rows - r0);
-    for (int64_t c0 = 0; c0 < width; c0 += piece_cols) {
-      const int64_t nc = std::min(piece_cols, width - c0), offset = r0 * width + c0, len = nr * nc;
-      const acc_t* xs = as_acc(x + offset, x_piece, len);
-      const acc_t* gs = dy ? as_acc(dy + offset, g_piece, len) : nullptr;
-      acc_t* os = out_piece;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) os = out + offset;
-      Coefs<acc_t> kc = k;
-      if (per_channel) kc = {k.mean + c0, k.coef_x + c0, k.coef_one + c0, dy ? k.coef_dy + c0 : nullptr};
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        for (int64_t r = 0; r < nr; ++r) {
-          affine_values(xs + r * nc, gs ? gs + r * nc : nullptr, os + r * nc, kc, per_channel, nc);
-        }
-      } else {
-        affine_piece(xs, gs, os, kc, per_channel, nr, nc);
-      }
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) store_as(out_piece, out + offset, len);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t offset = r * width;
+      affine_values(x + offset, dy ? dy + offset : nullptr, out + offset, k, per_channel, width);
     }
+  } else {
+    affine_half_rows(x, dy, out, k, per_channel, rows, width);
   }
 }
 
 // affine over units [begin, end): channels-last positions (C values each) or (n, c) rows
 // (S values each). Not cloned: on float values it streams from memory, and ran slower in
-// an AVX-512 clone on an AMD EPYC; 16-bit values take affine_piece.
+// an AVX-512 clone on an AMD EPYC; 16-bit values take affine_half_rows.
 template <typename scalar_t, typename acc_t>
 void affine_range(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Ncs& sdy, scalar_t* out, const Ncs& so,
                   Coefs<acc_t> k, bool by_positions, int64_t begin, int64_t end) {

@@ -249,23 +249,25 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
     }
   }
   scalar_t* __restrict yn = a.out + n * a.stride_n;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // 16-bit: converted in registers
+    const acc_t *m = mean_c, *k = scale_c, *b = shift_out;
+    const auto norm = [m, k, b](auto v, int64_t c) __attribute__((always_inline)) {
+      using T = decltype(v);
+      return (v - values_at<T>(m, c)) * values_at<T>(k, c) + values_at<T>(b, c);
+    };
+    if (a.silu) {
+      map_half_rows(xn, nullptr, yn, a.stride_s, S, C, [norm](auto v, int64_t c) __attribute__((always_inline)) {
+        const auto z = norm(v, c);
+        return z / (1.0f + exp_approx(-z));  // silu_from_exp, in a form that takes vectors
+      });
+    } else {
+      map_half_rows(xn, nullptr, yn, a.stride_s, S, C, norm);
+    }
+    return;
+  }
   for (int64_t s = 0; s < S; ++s) {
     const scalar_t* __restrict xr = xn + s * a.stride_s;
     scalar_t* __restrict yr = yn + s * a.stride_s;
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {  // 16-bit: through the scratch row
-      acc_t* row = scratch;
-      widen_to_float(xr, row, C);
-      if (a.silu) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t z = (row[c] - mean_c[c]) * scale_c[c] + shift_out[c];
-          row[c] = silu_from_exp(z, exp_minus(z));
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) row[c] = (row[c] - mean_c[c]) * scale_c[c] + shift_out[c];
-      }
-      narrow_from_float(row, yr, C);
-      continue;
-    }
     if (a.silu) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t z = (static_cast<acc_t>(xr[c]) - mean_c[c]) * scale_c[c] + shift_out[c];
