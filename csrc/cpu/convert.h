@@ -94,6 +94,29 @@ int half_instructions();
 template <typename In2>
 constexpr bool kSecondInput = !std::is_same_v<In2, std::nullptr_t>;
 
+// The second input's next row (none: nullptr).
+template <typename In2>
+__attribute__((always_inline)) inline In2 next_row(In2 in2, int64_t stride) {
+  if constexpr (kSecondInput<In2>) {
+    return in2 + stride;
+  } else {
+    return in2;
+  }
+}
+
+// Values [i, n) of a row one at a time, by c10's conversions (in2: the second input's row).
+template <typename half_t, typename In2, typename F>
+__attribute__((always_inline)) inline void map_half_tail(const half_t* in, In2 in2, half_t* out, int64_t i, int64_t n,
+                                                         F f) {
+  for (; i < n; ++i) {
+    if constexpr (kSecondInput<In2>) {
+      out[i] = static_cast<half_t>(f(static_cast<float>(in[i]), static_cast<float>(in2[i]), i));
+    } else {
+      out[i] = static_cast<half_t>(f(static_cast<float>(in[i]), i));
+    }
+  }
+}
+
 template <typename half_t, typename In2, typename F>
 __attribute__((always_inline)) inline void map_half_portable(const half_t* __restrict in, In2 in2,
                                                              half_t* __restrict out, int64_t stride, int64_t rows,
@@ -103,24 +126,18 @@ __attribute__((always_inline)) inline void map_half_portable(const half_t* __res
     std::memcpy(&bits, p, sizeof(bits));
     return float_lanes_of(bits, half_t());
   };
-  for (int64_t r = 0; r < rows; ++r, in += stride, out += stride) {
+  for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
     for (; i + kConvertLanes <= n; i += kConvertLanes) {
       FloatLanes y;
       if constexpr (kSecondInput<In2>) {
-        y = f(widen(in + i), widen(in2 + r * stride + i), i);
+        y = f(widen(in + i), widen(in2 + i), i);
       } else {
         y = f(widen(in + i), i);
       }
       store(out + i, half_lanes_of(y, half_t()));
     }
-    for (; i < n; ++i) {
-      if constexpr (kSecondInput<In2>) {
-        out[i] = static_cast<half_t>(f(static_cast<float>(in[i]), static_cast<float>(in2[r * stride + i]), i));
-      } else {
-        out[i] = static_cast<half_t>(f(static_cast<float>(in[i]), i));
-      }
-    }
+    map_half_tail(in, in2, out, i, n, f);
   }
 }
 
@@ -129,13 +146,13 @@ template <typename In2, typename F>
 __attribute__((target("avx512f"))) void map_half_avx512(const c10::Half* __restrict in, In2 in2,
                                                         c10::Half* __restrict out, int64_t stride, int64_t rows,
                                                         int64_t n, F f) {
-  for (int64_t r = 0; r < rows; ++r, in += stride, out += stride) {
+  for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
     for (; i + kConvertLanes <= n; i += kConvertLanes) {
       const FloatLanes v = (FloatLanes)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)));
       FloatLanes y;
       if constexpr (kSecondInput<In2>) {
-        const c10::Half* p2 = in2 + r * stride + i;
+        const c10::Half* p2 = in2 + i;
         y = f(v, (FloatLanes)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2))), i);
       } else {
         y = f(v, i);
@@ -143,13 +160,7 @@ __attribute__((target("avx512f"))) void map_half_avx512(const c10::Half* __restr
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                           _mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
-    for (; i < n; ++i) {
-      if constexpr (kSecondInput<In2>) {
-        out[i] = static_cast<c10::Half>(f(static_cast<float>(in[i]), static_cast<float>(in2[r * stride + i]), i));
-      } else {
-        out[i] = static_cast<c10::Half>(f(static_cast<float>(in[i]), i));
-      }
-    }
+    map_half_tail(in, in2, out, i, n, f);
   }
 }
 
@@ -166,12 +177,12 @@ template <typename In2, typename F>
 __attribute__((target("avx2,f16c"))) void map_half_f16c(const c10::Half* __restrict in, In2 in2,
                                                         c10::Half* __restrict out, int64_t stride, int64_t rows,
                                                         int64_t n, F f) {
-  for (int64_t r = 0; r < rows; ++r, in += stride, out += stride) {
+  for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
     for (; i + kConvertLanes <= n; i += kConvertLanes) {
       FloatLanes y;
       if constexpr (kSecondInput<In2>) {
-        y = f(widen_f16c(in + i), widen_f16c(in2 + r * stride + i), i);
+        y = f(widen_f16c(in + i), widen_f16c(in2 + i), i);
       } else {
         y = f(widen_f16c(in + i), i);
       }
@@ -182,13 +193,7 @@ __attribute__((target("avx2,f16c"))) void map_half_f16c(const c10::Half* __restr
                          _mm256_cvtps_ph(halves[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       }
     }
-    for (; i < n; ++i) {
-      if constexpr (kSecondInput<In2>) {
-        out[i] = static_cast<c10::Half>(f(static_cast<float>(in[i]), static_cast<float>(in2[r * stride + i]), i));
-      } else {
-        out[i] = static_cast<c10::Half>(f(static_cast<float>(in[i]), i));
-      }
-    }
+    map_half_tail(in, in2, out, i, n, f);
   }
 }
 #endif
