@@ -249,14 +249,4 @@ inline const acc_t* as_acc(const scalar_t* in, acc_t* buf, int64_t n) {
   }
 }
 
-// out[0, n) = in[0, n) in scalar_t: a copy when scalar_t is acc_t, else narrowed.
-template <typename acc_t, typename scalar_t>
-inline void store_as(const acc_t* in, scalar_t* out, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (in != out) std::memcpy(out, in, n * sizeof(acc_t));
-  } else {
-    narrow_from_float(in, out, n);
-  }
-}
-
 }  // namespace fastreg
