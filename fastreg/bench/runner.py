@@ -279,14 +279,20 @@ def environment(device: str, heap_kept: bool = False) -> dict:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and widest vector extension: "AMD EPYC (AVX-512)". Virtual machines often report
+    a bare family name for CPUs of different generations, and the extension is what picks the kernels' paths."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    name = fields.get("model name") or platform.processor() or "cpu"
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name} ({vector})" if vector else name
 
 
 def markdown(rows, copy_gbps, env) -> str:
