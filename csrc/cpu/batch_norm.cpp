@@ -46,11 +46,11 @@ int64_t position_step(const Ncs& v) { return v.S == 1 ? v.sn : v.sn == v.S * v.s
 // dual_sum); 16-bit rows are converted into float pieces of kRowPiece values first.
 constexpr int64_t kRowPiece = 1024;
 
-template <typename scalar_t, typename acc_t>
-FASTREG_CPU_CLONES_AVX512 void chunk_sums(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Ncs& sdy,
-                                          const acc_t* shift, bool by_positions, int64_t first, int64_t last,
-                                          acc_t* __restrict a, acc_t* __restrict b) {
-  using V = Vec<acc_t, kWideBytes>;
+template <int64_t Bytes, typename scalar_t, typename acc_t>
+FASTREG_INLINE inline void chunk_sums(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Ncs& sdy,
+                                      const acc_t* shift, bool by_positions, int64_t first, int64_t last,
+                                      acc_t* __restrict a, acc_t* __restrict b) {
+  using V = Vec<acc_t, Bytes>;
   const int64_t C = sx.C, S = sx.S;
   if (by_positions) {
     // positions p = n * S + s one step apart (x, and dy, channels-last): rows of C values,
@@ -80,29 +80,29 @@ FASTREG_CPU_CLONES_AVX512 void chunk_sums(const scalar_t* x, const Ncs& sx, cons
             g_stride = C;
           }
         }
-        const int64_t block_rows = channel_block_rows<acc_t>(
+        const int64_t block_rows = channel_block_rows<Bytes, acc_t>(
             C, (dy ? 2 : 1) * C * static_cast<int64_t>(sizeof(acc_t)), !std::is_same_v<scalar_t, acc_t>);
-        const auto load_acc = [](const acc_t* p) { return load<acc_t, kWideBytes>(p); };  // a V from p
+        const auto load_acc = [](const acc_t* p) FASTREG_INLINE { return load<acc_t, Bytes>(p); };  // a V from p
         if (dy) {
-          channel_block_sums(
+          channel_block_sums<Bytes>(
               rows, C, block_rows,
-              [&](int64_t r, int64_t c) {
+              [&](int64_t r, int64_t c) FASTREG_INLINE {
                 const V g = load_acc(gg + r * g_stride + c);
                 return std::pair<V, V>(g, g * (load_acc(xg + r * x_stride + c) - load_acc(shift + c)));
               },
-              [&](int64_t r, int64_t c) {
+              [&](int64_t r, int64_t c) FASTREG_INLINE {
                 const acc_t g = gg[r * g_stride + c];
                 return std::pair<acc_t, acc_t>(g, g * (xg[r * x_stride + c] - shift[c]));
               },
               a, b);
         } else {
-          channel_block_sums(
+          channel_block_sums<Bytes>(
               rows, C, block_rows,
-              [&](int64_t r, int64_t c) {
+              [&](int64_t r, int64_t c) FASTREG_INLINE {
                 const V d = load_acc(xg + r * x_stride + c) - load_acc(shift + c);
                 return std::pair<V, V>(d, d * d);
               },
-              [&](int64_t r, int64_t c) {
+              [&](int64_t r, int64_t c) FASTREG_INLINE {
                 const acc_t d = xg[r * x_stride + c] - shift[c];
                 return std::pair<acc_t, acc_t>(d, d * d);
               },
@@ -177,11 +177,13 @@ void channel_sums(const scalar_t* x, const Ncs& sx, const scalar_t* dy, const Nc
   const int64_t chunks = units == 0 ? 1 : (units + per_chunk - 1) / per_chunk;
   std::vector<acc_t> partial(chunks * 2 * C, acc_t(0));
   at::parallel_for(0, chunks, grain_for(per_chunk * (by_positions ? C : C * S)), [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      acc_t* a = partial.data() + chunk * 2 * C;
-      const int64_t first = chunk * per_chunk, last = std::min(units, first + per_chunk);
-      chunk_sums(x, sx, dy, sdy, shift, by_positions, first, last, a, a + C);
-    }
+    with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        acc_t* a = partial.data() + chunk * 2 * C;
+        const int64_t first = chunk * per_chunk, last = std::min(units, first + per_chunk);
+        chunk_sums<bytes>(x, sx, dy, sdy, shift, by_positions, first, last, a, a + C);
+      }
+    });
   });
   for (int64_t c = 0; c < C; ++c) {  // over the chunks, in order
     acc_t a = 0, b = 0;

@@ -100,17 +100,15 @@ __attribute__((target("avx,f16c"))) void narrow_half_f16c(const float* in, c10::
 }  // namespace
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// Asked at the first call (after libgcc's constructors). FASTREG_HALF_CONVERSIONS=f16c or
-// =integer caps the level below what the CPU has, so that the tests reach the paths of
-// other CPUs (as torch's ATEN_CPU_CAPABILITY does for its kernels).
+// Follows cpu_capability() (vectorize.h), which FASTREG_CPU_CAPABILITY caps: AVX-512 has
+// the 16-lane instructions; the AVX2 CPUs have F16C.
 int half_instructions() {
   static const int level = [] {
-    __builtin_cpu_init();
-    const int cpu = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("f16c") ? 1 : 0;
-    const char* cap = std::getenv("FASTREG_HALF_CONVERSIONS");
-    if (cap != nullptr && std::strcmp(cap, "integer") == 0) return 0;
-    if (cap != nullptr && std::strcmp(cap, "f16c") == 0) return std::min(cpu, 1);
-    return cpu;
+    switch (cpu_capability()) {
+      case CpuCapability::kAvx512: return 2;
+      case CpuCapability::kAvx2: return __builtin_cpu_supports("f16c") ? 1 : 0;
+      default: return 0;
+    }
   }();
   return level;
 }

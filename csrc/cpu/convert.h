@@ -84,8 +84,7 @@ __attribute__((always_inline)) inline HalfBitLanes half_lanes_of(FloatLanes f, c
 }
 
 // The Half conversions in use: 2: AVX-512's 16-lane instructions, 1: F16C's 8-lane ones, 0:
-// integer vector operations. The CPU's best, unless FASTREG_HALF_CONVERSIONS caps it
-// (convert.cpp).
+// integer vector operations. The best of cpu_capability() (convert.cpp).
 int half_instructions();
 
 // map_half_rows' loops, by the conversions they use: kConvertLanes values of a row at a

@@ -33,26 +33,24 @@ namespace {
 
 // Classes per block of a row: 4 KiB of floats, in L1 with its converted copy.
 constexpr int64_t kBlock = 1024;
-constexpr int64_t kBytes = kWideBytes;
 
-template <typename acc_t>
-using V = Vec<acc_t, kBytes>;
-template <typename acc_t>
-constexpr int64_t kLanes = kWidth<acc_t, kBytes>;
-
-template <typename acc_t>
-__attribute__((always_inline)) inline V<acc_t> splat(acc_t value) {
-  return V<acc_t>{} + value;
+// The loops take vectors of Bytes (with_widest_vectors); Vt is such a vector.
+template <int64_t Bytes, typename acc_t>
+__attribute__((always_inline)) inline Vec<acc_t, Bytes> splat(acc_t value) {
+  return Vec<acc_t, Bytes>{} + value;
 }
+
+template <typename Vt>
+constexpr int64_t kLanesOf = sizeof(Vt) / sizeof(LaneOf<Vt>);
 
 // exp of every lane: the polynomial for float, libm for double (the fp64 path checks
 // gradients, it is not a fast path).
-template <typename acc_t>
-__attribute__((always_inline)) inline V<acc_t> exp_lanes(V<acc_t> x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
+template <typename Vt>
+__attribute__((always_inline)) inline Vt exp_lanes(Vt x) {
+  if constexpr (std::is_same_v<LaneOf<Vt>, float>) {
     return exp_approx(x);
   } else {
-    for (int64_t k = 0; k < kLanes<acc_t>; ++k) x[k] = std::exp(x[k]);
+    for (int64_t k = 0; k < kLanesOf<Vt>; ++k) x[k] = std::exp(x[k]);
     return x;
   }
 }
@@ -66,15 +64,15 @@ __attribute__((always_inline)) inline acc_t exp_scalar(acc_t x) {
   }
 }
 
-template <typename acc_t>
-__attribute__((always_inline)) inline V<acc_t> max_lanes(V<acc_t> a, V<acc_t> b) {
+template <typename Vt>
+__attribute__((always_inline)) inline Vt max_lanes(Vt a, Vt b) {
   return a > b ? a : b;
 }
 
-template <typename acc_t>
-__attribute__((always_inline)) inline acc_t max_of_lanes(V<acc_t> v) {
-  acc_t m = v[0];
-  for (int64_t k = 1; k < kLanes<acc_t>; ++k) m = v[k] > m ? v[k] : m;
+template <typename Vt>
+__attribute__((always_inline)) inline LaneOf<Vt> max_of_lanes(Vt v) {
+  LaneOf<Vt> m = v[0];
+  for (int64_t k = 1; k < kLanesOf<Vt>; ++k) m = v[k] > m ? v[k] : m;
   return m;
 }
 
@@ -111,29 +109,29 @@ __attribute__((always_inline)) inline const acc_t* as_acc(const scalar_t* __rest
 
 // ------------------------------------------------------------------- rows (classes contiguous)
 
-template <typename acc_t>
+template <int64_t Bytes, typename acc_t>
 __attribute__((always_inline)) inline acc_t block_max(const acc_t* __restrict v, int64_t n) {
-  constexpr int64_t W = kLanes<acc_t>;
-  V<acc_t> m0 = splat<acc_t>(-INFINITY), m1 = m0;
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
+  Vec<acc_t, Bytes> m0 = splat<Bytes, acc_t>(-INFINITY), m1 = m0;
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
-    m0 = max_lanes<acc_t>(m0, load<acc_t, kBytes>(v + j));
-    m1 = max_lanes<acc_t>(m1, load<acc_t, kBytes>(v + j + W));
+    m0 = max_lanes(m0, load<acc_t, Bytes>(v + j));
+    m1 = max_lanes(m1, load<acc_t, Bytes>(v + j + W));
   }
-  acc_t m = max_of_lanes<acc_t>(max_lanes<acc_t>(m0, m1));
+  acc_t m = max_of_lanes(max_lanes(m0, m1));
   for (; j < n; ++j) m = v[j] > m ? v[j] : m;
   return m;
 }
 
-template <typename acc_t>
+template <int64_t Bytes, typename acc_t>
 __attribute__((always_inline)) inline acc_t block_sum_exp(const acc_t* __restrict v, int64_t n, acc_t m) {
-  constexpr int64_t W = kLanes<acc_t>;
-  const V<acc_t> shift = splat(m);
-  V<acc_t> s0 = {}, s1 = {};
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
+  const Vec<acc_t, Bytes> shift = splat<Bytes>(m);
+  Vec<acc_t, Bytes> s0 = {}, s1 = {};
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
-    s0 += exp_lanes<acc_t>(load<acc_t, kBytes>(v + j) - shift);
-    s1 += exp_lanes<acc_t>(load<acc_t, kBytes>(v + j + W) - shift);
+    s0 += exp_lanes(load<acc_t, Bytes>(v + j) - shift);
+    s1 += exp_lanes(load<acc_t, Bytes>(v + j + W) - shift);
   }
   acc_t s = sum_lanes(s0 + s1);
   for (; j < n; ++j) s += exp_scalar(v[j] - m);
@@ -141,26 +139,26 @@ __attribute__((always_inline)) inline acc_t block_sum_exp(const acc_t* __restric
 }
 
 // sum_j w_j * (v_j - shift) (w == nullptr: weights 1) and sum_j w_j.
-template <typename acc_t>
+template <int64_t Bytes, typename acc_t>
 __attribute__((always_inline)) inline void block_smooth_sums(const acc_t* __restrict v, const acc_t* __restrict w,
                                                              int64_t n, acc_t shift, acc_t& smooth_sum,
                                                              acc_t& weight_sum) {
-  constexpr int64_t W = kLanes<acc_t>;
-  const V<acc_t> shifts = splat(shift);
-  V<acc_t> s0 = {}, s1 = {}, w0 = {}, w1 = {};
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
+  const Vec<acc_t, Bytes> shifts = splat<Bytes>(shift);
+  Vec<acc_t, Bytes> s0 = {}, s1 = {}, w0 = {}, w1 = {};
   int64_t j = 0;
   if (w) {
     for (; j + 2 * W <= n; j += 2 * W) {
-      const V<acc_t> wa = load<acc_t, kBytes>(w + j), wb = load<acc_t, kBytes>(w + j + W);
-      s0 += wa * (load<acc_t, kBytes>(v + j) - shifts);
-      s1 += wb * (load<acc_t, kBytes>(v + j + W) - shifts);
+      const Vec<acc_t, Bytes> wa = load<acc_t, Bytes>(w + j), wb = load<acc_t, Bytes>(w + j + W);
+      s0 += wa * (load<acc_t, Bytes>(v + j) - shifts);
+      s1 += wb * (load<acc_t, Bytes>(v + j + W) - shifts);
       w0 += wa;
       w1 += wb;
     }
   } else {
     for (; j + 2 * W <= n; j += 2 * W) {
-      s0 += load<acc_t, kBytes>(v + j) - shifts;
-      s1 += load<acc_t, kBytes>(v + j + W) - shifts;
+      s0 += load<acc_t, Bytes>(v + j) - shifts;
+      s1 += load<acc_t, Bytes>(v + j + W) - shifts;
     }
   }
   acc_t s = sum_lanes(s0 + s1), ws = sum_lanes(w0 + w1);
@@ -176,30 +174,30 @@ __attribute__((always_inline)) inline void block_smooth_sums(const acc_t* __rest
 // out_j = alpha * exp((v_j - max) - log_sum) - beta * w_j for j < n. out may be v (the
 // linear form overwrites its logits with their gradient): element j is read before it is
 // written.
-template <typename acc_t>
+template <int64_t Bytes, typename acc_t>
 __attribute__((always_inline)) inline void block_grad(const acc_t* v, const acc_t* __restrict w, int64_t n, acc_t max,
                                                       acc_t log_sum, acc_t alpha, acc_t beta, acc_t* out) {
-  constexpr int64_t W = kLanes<acc_t>;
-  const V<acc_t> maxes = splat(max), log_sums = splat(log_sum), alphas = splat(alpha), betas = splat(beta);
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
+  const Vec<acc_t, Bytes> maxes = splat<Bytes>(max), log_sums = splat<Bytes>(log_sum), alphas = splat<Bytes>(alpha),
+                          betas = splat<Bytes>(beta);
   int64_t j = 0;
   if (w) {
     for (; j + W <= n; j += W) {
-      const V<acc_t> p = exp_lanes<acc_t>((load<acc_t, kBytes>(v + j) - maxes) - log_sums);
-      store(out + j, alphas * p - betas * load<acc_t, kBytes>(w + j));
+      const Vec<acc_t, Bytes> p = exp_lanes((load<acc_t, Bytes>(v + j) - maxes) - log_sums);
+      store(out + j, alphas * p - betas * load<acc_t, Bytes>(w + j));
     }
   } else {
     for (; j + W <= n; j += W) {
-      store(out + j, alphas * exp_lanes<acc_t>((load<acc_t, kBytes>(v + j) - maxes) - log_sums) - betas);
+      store(out + j, alphas * exp_lanes((load<acc_t, Bytes>(v + j) - maxes) - log_sums) - betas);
     }
   }
   for (; j < n; ++j) out[j] = alpha * exp_scalar((v[j] - max) - log_sum) - beta * (w ? w[j] : acc_t(1));
 }
 
 // One row r = (n, s). buf, gbuf: kBlock scratch values. g may be x (not restrict).
-template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a, int64_t r,
-                                                 acc_type<scalar_t>* __restrict buf,
-                                                 acc_type<scalar_t>* __restrict gbuf) {
+template <int64_t Bytes, typename scalar_t>
+FASTREG_INLINE inline void cross_entropy_row(const RowPassArgs<scalar_t>& a, int64_t r,
+                                             acc_type<scalar_t>* __restrict buf, acc_type<scalar_t>* __restrict gbuf) {
   using acc_t = acc_type<scalar_t>;
   const int64_t n = r / a.S, s = r % a.S, C = a.C;
   const scalar_t* x = a.x + n * a.x_n + s * a.x_s;
@@ -218,13 +216,13 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a,
   for (int64_t j0 = 0; j0 < C; j0 += kBlock) {
     const int64_t len = std::min(kBlock, C - j0);
     const acc_t* v = as_acc(x + j0, len, buf);
-    const acc_t m = block_max(v, len);
+    const acc_t m = block_max<Bytes>(v, len);
     if (m > stats.max) {
       stats.sum *= exp_scalar(stats.max - m);
       stats.max = m;
     }
-    if (stats.max != -INFINITY) stats.sum += block_sum_exp(v, len, stats.max);
-    if (a.smoothing != 0) block_smooth_sums(v, a.weight ? a.weight + j0 : nullptr, len, shift, smooth_sum, weight_sum);
+    if (stats.max != -INFINITY) stats.sum += block_sum_exp<Bytes>(v, len, stats.max);
+    if (a.smoothing != 0) block_smooth_sums<Bytes>(v, a.weight ? a.weight + j0 : nullptr, len, shift, smooth_sum, weight_sum);
   }
   const acc_t log_sum = std::log(stats.sum);
   const acc_t* scale = a.scale + r * a.scale_stride;
@@ -239,9 +237,9 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a,
     const int64_t len = std::min(kBlock, C - j0);
     const acc_t* w = a.weight ? a.weight + j0 : nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      block_grad(x + j0, w, len, stats.max, log_sum, terms.alpha, terms.beta, g + j0);
+      block_grad<Bytes>(x + j0, w, len, stats.max, log_sum, terms.alpha, terms.beta, g + j0);
     } else {
-      block_grad(as_acc(x + j0, len, buf), w, len, stats.max, log_sum, terms.alpha, terms.beta, gbuf);
+      block_grad<Bytes>(as_acc(x + j0, len, buf), w, len, stats.max, log_sum, terms.alpha, terms.beta, gbuf);
       for (int64_t j = 0; j < len; ++j) g[j0 + j] = static_cast<scalar_t>(gbuf[j]);
     }
   }
@@ -251,32 +249,33 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_row(const RowPassArgs<scalar_t>& a,
 
 // --------------------------------------------------------------- columns (positions contiguous)
 
-// Lanes [0, count) of a vector from count <= kLanes values (the others: fill).
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-__attribute__((always_inline)) inline V<acc_t> load_lanes(const scalar_t* __restrict p, int64_t count, acc_t fill) {
+// Lanes [0, count) of a vector from count <= its lanes values (the others: fill).
+template <int64_t Bytes, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+__attribute__((always_inline)) inline Vec<acc_t, Bytes> load_lanes(const scalar_t* __restrict p, int64_t count,
+                                                                   acc_t fill) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (count == kLanes<acc_t>) return load<acc_t, kBytes>(p);
+    if (count == kWidth<acc_t, Bytes>) return load<acc_t, Bytes>(p);
   }
-  V<acc_t> v = splat(fill);
+  Vec<acc_t, Bytes> v = splat<Bytes>(fill);
   for (int64_t k = 0; k < count; ++k) v[k] = static_cast<acc_t>(p[k]);
   return v;
 }
 
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void store_lanes(scalar_t* __restrict p, V<acc_t> v, int64_t count) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (count == kLanes<acc_t>) return store(p, v);
+template <typename scalar_t, typename Vt>
+__attribute__((always_inline)) inline void store_lanes(scalar_t* __restrict p, Vt v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, LaneOf<Vt>>) {
+    if (count == kLanesOf<Vt>) return store(p, v);
   }
   for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(v[k]);
 }
 
-// Positions [s0, s0 + count) of sample n, one per lane.
-template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>& a, int64_t n, int64_t s0,
-                                                     int64_t count) {
+// Positions [s0, s0 + count) of sample n, one per lane: count <= the lanes of a Bytes vector.
+template <int64_t Bytes, typename scalar_t>
+FASTREG_INLINE inline void cross_entropy_columns(const RowPassArgs<scalar_t>& a, int64_t n, int64_t s0,
+                                                 int64_t count) {
   using acc_t = acc_type<scalar_t>;
-  using Vt = V<acc_t>;
-  constexpr int64_t W = kLanes<acc_t>;
+  using Vt = Vec<acc_t, Bytes>;
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
   const int64_t C = a.C;
   const scalar_t* x = a.x + n * a.x_n + s0 * a.x_s;
   const int64_t first_row = n * a.S + s0;
@@ -291,12 +290,12 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>
     target_logit[k] = active[k] ? static_cast<acc_t>(x[t[k] * a.x_c + k]) : acc_t(0);
     target_weight[k] = active[k] ? (a.weight ? a.weight[t[k]] : acc_t(1)) : acc_t(0);
   }
-  const Vt shift = C > 0 ? load_lanes(x, count, acc_t(0)) : Vt{};
-  Vt m = splat<acc_t>(-INFINITY), smooth_sum = {};
+  const Vt shift = C > 0 ? load_lanes<Bytes>(x, count, acc_t(0)) : Vt{};
+  Vt m = splat<Bytes, acc_t>(-INFINITY), smooth_sum = {};
   acc_t weight_sum = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const Vt v = load_lanes(x + c * a.x_c, count, acc_t(0));
-    m = max_lanes<acc_t>(m, v);
+    const Vt v = load_lanes<Bytes>(x + c * a.x_c, count, acc_t(0));
+    m = max_lanes(m, v);
     if (a.smoothing != 0) {
       const acc_t wc = a.weight ? a.weight[c] : acc_t(1);
       smooth_sum += wc * (v - shift);
@@ -304,9 +303,9 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>
     }
   }
   // lanes whose logits are all -inf keep sum 0 and lse -inf, as a row does
-  const Vt m_finite = m == splat<acc_t>(-INFINITY) ? Vt{} : m;
+  const Vt m_finite = m == splat<Bytes, acc_t>(-INFINITY) ? Vt{} : m;
   Vt sum = {};
-  for (int64_t c = 0; c < C; ++c) sum += exp_lanes<acc_t>(load_lanes(x + c * a.x_c, count, acc_t(0)) - m_finite);
+  for (int64_t c = 0; c < C; ++c) sum += exp_lanes(load_lanes<Bytes>(x + c * a.x_c, count, acc_t(0)) - m_finite);
   Vt alpha = {}, beta = {}, target_term = {}, log_sum = {};
   for (int64_t k = 0; k < W; ++k) {
     const int64_t r = first_row + k;
@@ -335,12 +334,12 @@ FASTREG_CPU_CLONES_AVX512 void cross_entropy_columns(const RowPassArgs<scalar_t>
     live[k] = active[k] ? Index(-1) : Index(0);
   }
   for (int64_t c = 0; c < C; ++c) {
-    const Vt v = load_lanes(x + c * a.x_c, count, acc_t(0));
+    const Vt v = load_lanes<Bytes>(x + c * a.x_c, count, acc_t(0));
     const acc_t wc = a.weight ? a.weight[c] : acc_t(1);
-    Vt grad = alpha * exp_lanes<acc_t>((v - m_finite) - log_sum) - beta * wc;
+    Vt grad = alpha * exp_lanes((v - m_finite) - log_sum) - beta * wc;
     grad = targets == (Mask{} + static_cast<Index>(c)) ? grad - target_term : grad;
     grad = live != Mask{} ? grad : Vt{};  // ignored positions: exactly 0 whatever their logits
-    store_lanes<scalar_t, acc_t>(g + c * a.g_c, grad, count);
+    store_lanes(g + c * a.g_c, grad, count);
   }
 }
 
@@ -382,18 +381,22 @@ void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, const at:
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.C, 1));
       at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock), gbuf(a.grad ? kBlock : 0);
-        for (int64_t r = begin; r < end; ++r) cross_entropy_row(a, r, buf.data(), gbuf.data());
+        with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+          for (int64_t r = begin; r < end; ++r) cross_entropy_row<bytes>(a, r, buf.data(), gbuf.data());
+        });
       });
     } else {
       TORCH_INTERNAL_ASSERT(reads_columns(x) && (!grad.defined() || grad.stride(2) == 1));
-      constexpr int64_t W = kLanes<acc_t>;
+      const int64_t W = widest_vector_bytes() / static_cast<int64_t>(sizeof(acc_t));  // positions per tile
       const int64_t tiles_per_sample = (a.S + W - 1) / W;
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.C * W, 1));
       at::parallel_for(0, a.N * tiles_per_sample, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t tile = begin; tile < end; ++tile) {
-          const int64_t n = tile / tiles_per_sample, s0 = (tile % tiles_per_sample) * W;
-          cross_entropy_columns(a, n, s0, std::min(W, a.S - s0));
-        }
+        with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+          for (int64_t tile = begin; tile < end; ++tile) {
+            const int64_t n = tile / tiles_per_sample, s0 = (tile % tiles_per_sample) * W;
+            cross_entropy_columns<bytes>(a, n, s0, std::min(W, a.S - s0));
+          }
+        });
       });
     }
   });

@@ -183,9 +183,8 @@ ChannelArrays<acc_type<scalar_t>> fwd_sample_arrays(int64_t C) {
 
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
-template <typename scalar_t>
-FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n,
-                                          ChannelArrays<acc_type<scalar_t>>& arrays) {
+template <int64_t Bytes, typename scalar_t>
+FASTREG_INLINE inline void fwd_sample(const GnParams<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
   acc_t* __restrict shift = arrays[0];
@@ -202,7 +201,7 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
     sum_dd[c] = 0;
   }
   // rows of acc_t values: x itself, or 16-bit rows widened a group at a time into scratch
-  using V = Vec<acc_t, kWideBytes>;
+  using V = Vec<acc_t, Bytes>;
   const int64_t group = std::is_same_v<scalar_t, acc_t> ? S : std::max<int64_t>(1, kPieceValues / C);
   for (int64_t s0 = 0; s0 < S; s0 += group) {
     const int64_t rows = std::min(group, S - s0);
@@ -216,14 +215,14 @@ FASTREG_CPU_CLONES_AVX512 void fwd_sample(const GnParams<scalar_t>& a, int64_t n
       v = scratch;
       v_stride = C;
     }
-    channel_block_sums(
+    channel_block_sums<Bytes>(
         rows, C,
-        channel_block_rows<acc_t>(C, C * static_cast<int64_t>(sizeof(acc_t)), !std::is_same_v<scalar_t, acc_t>),
-        [&](int64_t r, int64_t c) {
-          const V d = load<acc_t, kWideBytes>(v + r * v_stride + c) - load<acc_t, kWideBytes>(shift + c);
+        channel_block_rows<Bytes, acc_t>(C, C * static_cast<int64_t>(sizeof(acc_t)), !std::is_same_v<scalar_t, acc_t>),
+        [&](int64_t r, int64_t c) FASTREG_INLINE {
+          const V d = load<acc_t, Bytes>(v + r * v_stride + c) - load<acc_t, Bytes>(shift + c);
           return std::pair<V, V>(d, d * d);
         },
-        [&](int64_t r, int64_t c) {
+        [&](int64_t r, int64_t c) FASTREG_INLINE {
           const acc_t d = v[r * v_stride + c] - shift[c];
           return std::pair<acc_t, acc_t>(d, d * d);
         },
@@ -388,7 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x_in
       if (in.channels_last) {
         at::parallel_for(0, in.N, grain_for(in.C * in.S), [&](int64_t begin, int64_t end) {
           auto arrays = fwd_sample_arrays<scalar_t>(in.C);
-          for (int64_t n = begin; n < end; ++n) fwd_sample(a, n, arrays);
+          with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+            for (int64_t n = begin; n < end; ++n) fwd_sample<bytes>(a, n, arrays);
+          });
         });
       } else {
         const int64_t M = in.D * in.S;

@@ -28,24 +28,24 @@ constexpr int64_t kMaxWeightChunks = 64;
 // Statistics of the row v, then y. Two passes for the statistics, the second from L1:
 // the mean of v - v[0] (shifted, so a large mean costs no precision), then the squared
 // deviations from the mean.
-template <typename scalar_t, typename h_t, typename acc_t>
-__attribute__((always_inline)) inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
+template <int64_t Bytes, typename scalar_t, typename h_t, typename acc_t>
+FASTREG_INLINE inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                                          const acc_t* __restrict v, acc_t* __restrict y_buf) {
   const int64_t n = a.n;
   acc_t mean = 0;
   if (a.mean) {
     const acc_t shift = v[0];
-    mean = shift + vector_sum<kWideBytes>(v, n, [&](auto value) { return value - shift; }) / n;
+    mean = shift + vector_sum<Bytes>(v, n, [&](auto value) FASTREG_INLINE { return value - shift; }) / n;
   }
-  const acc_t m2 = vector_sum<kWideBytes>(v, n, [&](auto value) { return (value - mean) * (value - mean); });
+  const acc_t m2 = vector_sum<Bytes>(v, n, [&](auto value) FASTREG_INLINE { return (value - mean) * (value - mean); });
   const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(m2) / n + a.eps));
   scalar_t* __restrict y = a.y + row * n;
   const acc_t* __restrict w = a.weight;
   const acc_t* __restrict b = a.bias;
   int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    constexpr int64_t W = kWidth<acc_t, kWideBytes>;
-    const auto at = [](const acc_t* p) { return load<acc_t, kWideBytes>(p); };
+    constexpr int64_t W = kWidth<acc_t, Bytes>;
+    const auto at = [](const acc_t* p) FASTREG_INLINE { return load<acc_t, Bytes>(p); };
     if (w && b) {
       for (; j + W <= n; j += W) store(y + j, (at(v + j) - mean) * rstd * at(w + j) + at(b + j));
     } else if (w) {
@@ -74,8 +74,8 @@ __attribute__((always_inline)) inline void normalize_row(const NormFwdParams<sca
 
 // One row. Plain norm: straight from x. Fused: h = residual + dropout(x) is formed in v
 // (and stored), then normalized. v, multiplier and y_buf (16-bit y) are scratch rows.
-template <typename scalar_t, typename h_t>
-FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
+template <int64_t Bytes, typename scalar_t, typename h_t>
+FASTREG_INLINE inline void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
                                             acc_type<scalar_t>* __restrict v,
                                             acc_type<scalar_t>* __restrict multiplier,
                                             acc_type<scalar_t>* __restrict y_buf) {
@@ -83,7 +83,7 @@ FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& 
   const int64_t n = a.n, base = row * n;
   const scalar_t* __restrict x = a.x + base;
   if (!a.fused) {
-    normalize_row(a, row, as_acc(x, v, n), y_buf);
+    normalize_row<Bytes>(a, row, as_acc(x, v, n), y_buf);
     return;
   }
   if (a.seed) {
@@ -106,7 +106,7 @@ FASTREG_CPU_CLONES_AVX512 void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& 
   } else if constexpr (!std::is_same_v<h_t, acc_t>) {
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(static_cast<h_t>(v[j]));
   }
-  normalize_row(a, row, static_cast<const acc_t*>(v), y_buf);
+  normalize_row<Bytes>(a, row, static_cast<const acc_t*>(v), y_buf);
 }
 
 template <typename scalar_t, typename h_t>
@@ -121,7 +121,11 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     const bool convert = a.fused || !std::is_same_v<scalar_t, acc_t>;
     constexpr bool narrow = !std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0), y_buf(narrow ? a.n : 0);
-    for (int64_t row = begin; row < end; ++row) norm_fwd_row(a, row, v.data(), multiplier.data(), y_buf.data());
+    with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+      for (int64_t row = begin; row < end; ++row) {
+        norm_fwd_row<bytes>(a, row, v.data(), multiplier.data(), y_buf.data());
+      }
+    });
   });
 }
 

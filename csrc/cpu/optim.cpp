@@ -35,9 +35,8 @@ constexpr int64_t kChunk = 1 << 15;
 // Elements updated into scratch (or in place) before the write-back to the rounded
 // param: stays in L1.
 constexpr int64_t kBlock = 1024;
-// Vector width of the update loops: the widest (vectorize.h). One core's step is
+// The update loops run in the widest vectors (with_widest_vectors): one core's step is
 // compute-bound (a sqrt and two divides per element), so wide vectors pay.
-constexpr int64_t kStepBytes = kWideBytes;
 
 // ---------------------------------------------------------------- vector/scalar helpers
 // The element code is written once for V = acc_t (the tail) and V = Vec<acc_t>.
@@ -331,20 +330,19 @@ __attribute__((always_inline)) inline void sgd_at(const SgdScalars<acc_t>& c, co
 
 // The scalars come by value: local copies cannot alias the tensors stored to, so they stay
 // in registers (through a reference, every store to a float could change them).
-template <typename param_t, typename value_t>
-FASTREG_CPU_CLONES_AVX512 void sgd_range(const StepTensors<param_t, value_t>& s, value_t* const* bufs,
-                                         const SgdScalars<acc_type<value_t>> c,
-                                         const Regularizers<acc_type<value_t>> r, int64_t t, int64_t begin,
-                                         int64_t end, acc_type<value_t>* dst) {
+template <int64_t Bytes, typename param_t, typename value_t>
+FASTREG_INLINE inline void sgd_range(const StepTensors<param_t, value_t>& s, value_t* const* bufs,
+                                     const SgdScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
+                                     int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
   using acc_t = acc_type<value_t>;
-  constexpr int64_t W = kWidth<acc_t, kStepBytes>;
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
   const value_t* value = s.values[t];
   const param_t* grad = s.grads[t];
   value_t* buf = c.has_momentum ? bufs[t] : nullptr;
   int64_t j = begin;
   // (no pointer arithmetic on the absent buffer)
   for (; j + W <= end; j += W) {
-    sgd_at<Vec<acc_t, kStepBytes>>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
+    sgd_at<Vec<acc_t, Bytes>>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
   }
   for (; j < end; ++j) sgd_at<acc_t>(c, r, value + j, grad + j, buf ? buf + j : nullptr, dst + (j - begin));
 }
@@ -382,7 +380,9 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                               static_cast<acc_t>(inv_grad_scale), momentum != 0, nesterov, maximize, first_step};
     const Regularizers<acc_t> r{static_cast<acc_t>(lr * l1), static_cast<acc_t>(max_norm), l1 > 0, max_norm > 0};
     run_steps(s, r, items, [&](int64_t t, int64_t begin, int64_t end, acc_t* dst) {
-      sgd_range(s, bufs.data(), c, r, t, begin, end, dst);
+      with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+        sgd_range<bytes>(s, bufs.data(), c, r, t, begin, end, dst);
+      });
     });
   });
 }
@@ -432,13 +432,12 @@ struct AdamStates {
   std::vector<value_t*> exp_avgs, exp_avg_sqs, max_exp_avg_sqs;
 };
 
-template <typename param_t, typename value_t>
-FASTREG_CPU_CLONES_AVX512 void adam_range(const StepTensors<param_t, value_t>& s,
-                                          const AdamStates<value_t>& states, const AdamScalars<acc_type<value_t>> c,
-                                          const Regularizers<acc_type<value_t>> r, int64_t t, int64_t begin,
-                                          int64_t end, acc_type<value_t>* dst) {
+template <int64_t Bytes, typename param_t, typename value_t>
+FASTREG_INLINE inline void adam_range(const StepTensors<param_t, value_t>& s, const AdamStates<value_t>& states,
+                                      const AdamScalars<acc_type<value_t>> c, const Regularizers<acc_type<value_t>> r,
+                                      int64_t t, int64_t begin, int64_t end, acc_type<value_t>* dst) {
   using acc_t = acc_type<value_t>;
-  constexpr int64_t W = kWidth<acc_t, kStepBytes>;
+  constexpr int64_t W = kWidth<acc_t, Bytes>;
   const value_t* value = s.values[t];
   const param_t* grad = s.grads[t];
   value_t* exp_avg = states.exp_avgs[t];
@@ -446,8 +445,8 @@ FASTREG_CPU_CLONES_AVX512 void adam_range(const StepTensors<param_t, value_t>& s
   value_t* max_exp_avg_sq = c.amsgrad ? states.max_exp_avg_sqs[t] : nullptr;
   int64_t j = begin;
   for (; j + W <= end; j += W) {
-    adam_at<Vec<acc_t, kStepBytes>>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
-                        max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
+    adam_at<Vec<acc_t, Bytes>>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
+                               max_exp_avg_sq ? max_exp_avg_sq + j : nullptr, dst + (j - begin));
   }
   for (; j < end; ++j) {
     adam_at<acc_t>(c, r, value + j, grad + j, exp_avg + j, exp_avg_sq + j,
@@ -520,7 +519,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       AdamScalars<acc_t> tensor_scalars = c;
       tensor_scalars.step_size = static_cast<acc_t>(corrections[t].first);
       tensor_scalars.bias_correction2_sqrt = static_cast<acc_t>(corrections[t].second);
-      adam_range(s, states, tensor_scalars, r, t, begin, end, dst);
+      with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+        adam_range<bytes>(s, states, tensor_scalars, r, t, begin, end, dst);
+      });
     });
   });
 }

@@ -5,6 +5,7 @@
 // reassociating it; separate vector lanes can).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -13,9 +14,8 @@
 
 namespace fastreg {
 
-// FASTREG_CPU_CLONES_AVX512 adds an AVX-512 clone, for the compute-heavy loops: the
-// optimizer steps (a sqrt and two divides per element), the exp polynomials of GroupNorm's
-// SiLU and cross-entropy, and LayerNorm's passes over an L1-resident row run faster with
+// FASTREG_CPU_CLONES_AVX512 adds an AVX-512 clone, for compute-heavy loops the compiler
+// vectorizes itself (GroupNorm's SiLU, the 16-bit conversions): they run faster with
 // 16-lane vectors where the CPU has them (torch's own CPU kernels use AVX-512 there).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTREG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -25,9 +25,77 @@ namespace fastreg {
 #define FASTREG_CPU_CLONES
 #endif
 
-// The vector width of explicit vector loops in FASTREG_CPU_CLONES_AVX512 functions: one
-// AVX-512 register in that clone, two AVX2 registers (four SSE ones) in the others.
-constexpr int64_t kWideBytes = 64;
+#define FASTREG_INLINE __attribute__((always_inline))
+
+// The vector extensions the kernels pick from, widest last. The CPU's widest, unless the
+// environment variable FASTREG_CPU_CAPABILITY (avx2, default) caps it, as torch's
+// ATEN_CPU_CAPABILITY does for torch's kernels: the tests reach other CPUs' paths that way.
+// The cap covers what fastreg picks itself (with_widest_vectors, the Half conversions of
+// convert.h), not the compiler's target_clones.
+enum class CpuCapability { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline CpuCapability cpu_capability() {
+  static const CpuCapability capability = [] {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    const CpuCapability cpu = __builtin_cpu_supports("avx512f") ? CpuCapability::kAvx512
+                              : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                                  ? CpuCapability::kAvx2
+                                  : CpuCapability::kDefault;
+    const char* cap = std::getenv("FASTREG_CPU_CAPABILITY");
+    if (cap != nullptr && std::strcmp(cap, "default") == 0) return CpuCapability::kDefault;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(cpu, CpuCapability::kAvx2);
+    return cpu;
+#else
+    return CpuCapability::kDefault;
+#endif
+  }();
+  return capability;
+}
+
+// Explicit vector loops (GCC vector extensions) take their width as a template parameter
+// Bytes and run through with_widest_vectors, which compiles them for each extension with
+// that extension's register width: 64 bytes with AVX-512, 32 with AVX2, 16 otherwise. The
+// width follows the extension because GCC moves a vector wider than the target's registers
+// through the stack: a 64-byte vector in AVX2 code spills at every load and store.
+template <int64_t Bytes>
+using VectorBytes = std::integral_constant<int64_t, Bytes>;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename Body>
+__attribute__((target("avx512f"))) void run_avx512(const Body& body) {
+  body(VectorBytes<64>{});
+}
+template <typename Body>
+__attribute__((target("avx2,fma"))) void run_avx2(const Body& body) {
+  body(VectorBytes<32>{});
+}
+#endif
+
+// The Bytes that with_widest_vectors passes, for a caller that splits work by vector lanes.
+inline int64_t widest_vector_bytes() {
+  switch (cpu_capability()) {
+    case CpuCapability::kAvx512: return 64;
+    case CpuCapability::kAvx2: return 32;
+    default: return 16;
+  }
+}
+
+// body(VectorBytes<Bytes>{}) compiled for the widest extension of cpu_capability(). body
+// must be a FASTREG_INLINE closure whose loops call only FASTREG_INLINE functions (or
+// functions cloned on their own): a function that is not inlined is compiled for the
+// default target.
+template <typename Body>
+inline void with_widest_vectors(const Body& body) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  switch (cpu_capability()) {
+    case CpuCapability::kAvx512: return run_avx512(body);
+    case CpuCapability::kAvx2: return run_avx2(body);
+    case CpuCapability::kDefault: break;
+  }
+#endif
+  body(VectorBytes<16>{});
+}
 
 constexpr int64_t kPhiloxBatch = 16;
 
@@ -201,7 +269,7 @@ __attribute__((always_inline)) inline std::pair<acc_t, acc_t> shifted_sums(const
 
 // Per-channel sums over the rows of a channels-last loop (a row: the C channels of one
 // position): sum_a[c] += the sum over rows r < rows of a, sum_b[c] += that of b, with
-// (a, b) = vector_terms(r, c) for the kWideBytes vector of channels from c, or
+// (a, b) = vector_terms(r, c) for the Bytes vector of channels from c, or
 // scalar_terms(r, c) for channel c alone. Blocks of kChannelBlockVectors vectors of
 // channels keep their sums in registers while walking a block of block_rows rows (summing
 // into sum_a and sum_b at every row would load and store two sums per value read); the
@@ -213,18 +281,18 @@ constexpr int64_t kL1BlockBytes = 16384, kChannelBlockVectors = 4;
 // in memory order): as many as fit in kL1BlockBytes. Rows read from memory that span
 // several blocks: one, since walking down a block of rows one block of channels at a time
 // reads memory out of order, which the prefetchers follow poorly.
-template <typename acc_t>
+template <int64_t Bytes, typename acc_t>
 inline int64_t channel_block_rows(int64_t C, int64_t row_bytes, bool rows_in_l1) {
-  if (!rows_in_l1 && C > kChannelBlockVectors * kWidth<acc_t, kWideBytes>) return 1;
+  if (!rows_in_l1 && C > kChannelBlockVectors * kWidth<acc_t, Bytes>) return 1;
   return std::max<int64_t>(1, kL1BlockBytes / std::max<int64_t>(row_bytes, 1));
 }
 
-template <typename acc_t, typename VectorTerms, typename ScalarTerms>
+template <int64_t Bytes, typename acc_t, typename VectorTerms, typename ScalarTerms>
 __attribute__((always_inline)) inline void channel_block_sums(int64_t rows, int64_t C, int64_t block_rows,
                                                               VectorTerms vector_terms, ScalarTerms scalar_terms,
                                                               acc_t* __restrict sum_a, acc_t* __restrict sum_b) {
-  using V = Vec<acc_t, kWideBytes>;
-  constexpr int64_t W = kWidth<acc_t, kWideBytes>, kVectors = kChannelBlockVectors, block_c = kVectors * W;
+  using V = Vec<acc_t, Bytes>;
+  constexpr int64_t W = kWidth<acc_t, Bytes>, kVectors = kChannelBlockVectors, block_c = kVectors * W;
   const int64_t blocks_end = C - C % block_c;  // channels [blocks_end, C): one at a time
   for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
     const int64_t r1 = std::min(rows, r0 + block_rows);
@@ -238,8 +306,8 @@ __attribute__((always_inline)) inline void channel_block_sums(int64_t rows, int6
         }
       }
       for (int64_t k = 0; k < kVectors; ++k) {
-        store(sum_a + c0 + k * W, load<acc_t, kWideBytes>(sum_a + c0 + k * W) + a[k]);
-        store(sum_b + c0 + k * W, load<acc_t, kWideBytes>(sum_b + c0 + k * W) + b[k]);
+        store(sum_a + c0 + k * W, load<acc_t, Bytes>(sum_a + c0 + k * W) + a[k]);
+        store(sum_b + c0 + k * W, load<acc_t, Bytes>(sum_b + c0 + k * W) + b[k]);
       }
     }
     for (int64_t r = r0; r < r1; ++r) {
