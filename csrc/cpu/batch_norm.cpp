@@ -223,12 +223,12 @@ __attribute__((always_inline)) inline void affine_values(const acc_t* __restrict
   }
 }
 
-// affine_values on rows of 16-bit values, converted in registers (map_half_rows): cloned,
-// as the loop is bound by its arithmetic, where wide vectors pay (affine_range itself is
-// not, see there).
-template <typename half_t, typename acc_t>
-FASTREG_CPU_CLONES_AVX512 void affine_half_rows(const half_t* x, const half_t* dy, half_t* out, Coefs<acc_t> k,
-                                                bool per_channel, int64_t rows, int64_t width) {
+// affine_values on rows of 16-bit values, converted in registers (map_half_rows), in the
+// widest vectors: the loop is bound by its arithmetic, where wide vectors pay
+// (affine_range itself is not, see there).
+template <int64_t Bytes, typename half_t, typename acc_t>
+FASTREG_INLINE inline void affine_half_rows(const half_t* x, const half_t* dy, half_t* out, Coefs<acc_t> k,
+                                            bool per_channel, int64_t rows, int64_t width) {
   const acc_t *mean = k.mean, *coef_x = k.coef_x, *coef_one = k.coef_one, *coef_dy = k.coef_dy;
   if (per_channel) {
     const auto norm = [mean, coef_x, coef_one](auto v, int64_t i) __attribute__((always_inline)) {
@@ -239,9 +239,9 @@ FASTREG_CPU_CLONES_AVX512 void affine_half_rows(const half_t* x, const half_t* d
       const auto with_dy = [norm, coef_dy](auto v, auto g, int64_t i) __attribute__((always_inline)) {
         return norm(v, i) + g * values_at<decltype(g)>(coef_dy, i);
       };
-      map_half_rows(x, dy, out, width, rows, width, with_dy);
+      map_half_rows<Bytes>(x, dy, out, width, rows, width, with_dy);
     } else {
-      map_half_rows(x, nullptr, out, width, rows, width, norm);
+      map_half_rows<Bytes>(x, nullptr, out, width, rows, width, norm);
     }
     return;
   }
@@ -251,9 +251,9 @@ FASTREG_CPU_CLONES_AVX512 void affine_half_rows(const half_t* x, const half_t* d
     const auto with_dy = [norm, kdy](auto v, auto g, int64_t i) __attribute__((always_inline)) {
       return norm(v, i) + g * kdy;
     };
-    map_half_rows(x, dy, out, width, rows, width, with_dy);
+    map_half_rows<Bytes>(x, dy, out, width, rows, width, with_dy);
   } else {
-    map_half_rows(x, nullptr, out, width, rows, width, norm);
+    map_half_rows<Bytes>(x, nullptr, out, width, rows, width, norm);
   }
 }
 
@@ -270,7 +270,9 @@ __attribute__((always_inline)) inline void affine_rows(const scalar_t* x, const 
       affine_values(x + offset, dy ? dy + offset : nullptr, out + offset, k, per_channel, width);
     }
   } else {
-    affine_half_rows(x, dy, out, k, per_channel, rows, width);
+    with_widest_vectors([&](auto bytes) FASTREG_INLINE {
+      affine_half_rows<bytes>(x, dy, out, k, per_channel, rows, width);
+    });
   }
 }
 

@@ -13,24 +13,33 @@
 namespace fastreg {
 namespace {
 
-template <typename half_t>
-FASTREG_CPU_CLONES_AVX512 void widen_lanes(const half_t* __restrict in, float* __restrict out, int64_t n) {
+// The portable conversions, a vector of Bytes / 4 values at a time (with_widest_vectors).
+template <int64_t Bytes, typename half_t>
+FASTREG_INLINE inline void widen_lanes(const half_t* __restrict in, float* __restrict out, int64_t n) {
+  constexpr int64_t W = Bytes / sizeof(float);
   int64_t i = 0;
-  for (; i + kConvertLanes <= n; i += kConvertLanes) {
-    HalfBitLanes bits;
-    std::memcpy(&bits, in + i, sizeof(bits));
-    store(out + i, float_lanes_of(bits, half_t()));
-  }
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(in);
+  for (; i + W <= n; i += W) store(out + i, float_lanes_of(load<uint16_t, 2 * W>(bits + i), half_t()));
   for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
 
-template <typename half_t>
-FASTREG_CPU_CLONES_AVX512 void narrow_lanes(const float* __restrict in, half_t* __restrict out, int64_t n) {
+template <int64_t Bytes, typename half_t>
+FASTREG_INLINE inline void narrow_lanes(const float* __restrict in, half_t* __restrict out, int64_t n) {
+  constexpr int64_t W = Bytes / sizeof(float);
   int64_t i = 0;
-  for (; i + kConvertLanes <= n; i += kConvertLanes) {
-    store(out + i, half_lanes_of(load<float, sizeof(FloatLanes)>(in + i), half_t()));
-  }
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  for (; i + W <= n; i += W) store(bits + i, half_lanes_of(load<float, Bytes>(in + i), half_t()));
   for (; i < n; ++i) out[i] = static_cast<half_t>(in[i]);
+}
+
+template <typename half_t>
+void widen_portable(const half_t* in, float* out, int64_t n) {
+  with_widest_vectors([&](auto bytes) FASTREG_INLINE { widen_lanes<bytes>(in, out, n); });
+}
+
+template <typename half_t>
+void narrow_portable(const float* in, half_t* out, int64_t n) {
+  with_widest_vectors([&](auto bytes) FASTREG_INLINE { narrow_lanes<bytes>(in, out, n); });
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -123,7 +132,7 @@ void widen_to_float(const c10::Half* in, float* out, int64_t n) {
     case 1: return widen_half_f16c(in, out, n);
   }
 #endif
-  widen_lanes(in, out, n);
+  widen_portable(in, out, n);
 }
 
 void narrow_from_float(const float* in, c10::Half* out, int64_t n) {
@@ -133,11 +142,11 @@ void narrow_from_float(const float* in, c10::Half* out, int64_t n) {
     case 1: return narrow_half_f16c(in, out, n);
   }
 #endif
-  narrow_lanes(in, out, n);
+  narrow_portable(in, out, n);
 }
 
-void widen_to_float(const c10::BFloat16* in, float* out, int64_t n) { widen_lanes(in, out, n); }
+void widen_to_float(const c10::BFloat16* in, float* out, int64_t n) { widen_portable(in, out, n); }
 
-void narrow_from_float(const float* in, c10::BFloat16* out, int64_t n) { narrow_lanes(in, out, n); }
+void narrow_from_float(const float* in, c10::BFloat16* out, int64_t n) { narrow_portable(in, out, n); }
 
 }  // namespace fastreg

@@ -26,44 +26,52 @@ void widen_to_float(const c10::BFloat16* in, float* out, int64_t n);
 void narrow_from_float(const float* in, c10::Half* out, int64_t n);
 void narrow_from_float(const float* in, c10::BFloat16* out, int64_t n);
 
-// The portable conversions: kConvertLanes values at a time in integer vector operations
-// (GCC vectorizes c10's one-value conversions poorly), the same bits as c10's: exact
-// widening; narrowing rounds to nearest even, with c10's NaNs (0x7FC0 for BFloat16, 0x7E00
-// for Half).
-constexpr int64_t kConvertLanes = 16;
-using FloatLanes = Vec<float, 4 * kConvertLanes>;
-using BitLanes = Vec<uint32_t, 4 * kConvertLanes>;
-using HalfBitLanes = Vec<uint16_t, 2 * kConvertLanes>;
+// The portable conversions, in integer vector operations (GCC vectorizes c10's one-value
+// conversions poorly), the same bits as c10's: exact widening; narrowing rounds to nearest
+// even, with c10's NaNs (0x7FC0 for BFloat16, 0x7E00 for Half). They take vectors of any
+// lane count: H, 16-bit patterns; F, as many floats; B, as many 32-bit patterns.
+template <typename V>
+using BitsOf = Vec<uint32_t, sizeof(V)>;  // a float vector's bits
+template <typename H>
+using FloatsOf = Vec<float, 2 * sizeof(H)>;  // the floats of a vector of 16-bit patterns
+template <typename F>
+using HalvesOf = Vec<uint16_t, sizeof(F) / 2>;  // the 16-bit patterns of a float vector
 
-__attribute__((always_inline)) inline FloatLanes float_lanes(BitLanes bits) {
-  FloatLanes f;
+template <typename B>
+__attribute__((always_inline)) inline Vec<float, sizeof(B)> float_lanes(B bits) {
+  Vec<float, sizeof(B)> f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-__attribute__((always_inline)) inline BitLanes bit_lanes(FloatLanes f) {
-  BitLanes bits;
+template <typename F>
+__attribute__((always_inline)) inline BitsOf<F> bit_lanes(F f) {
+  BitsOf<F> bits;
   std::memcpy(&bits, &f, sizeof(bits));
   return bits;
 }
 
-__attribute__((always_inline)) inline FloatLanes float_lanes_of(HalfBitLanes h, c10::BFloat16) {
-  return float_lanes(__builtin_convertvector(h, BitLanes) << 16);
+template <typename H>
+__attribute__((always_inline)) inline FloatsOf<H> float_lanes_of(H h, c10::BFloat16) {
+  return float_lanes(__builtin_convertvector(h, BitsOf<FloatsOf<H>>) << 16);
 }
 
-__attribute__((always_inline)) inline HalfBitLanes half_lanes_of(FloatLanes f, c10::BFloat16) {
-  const BitLanes u = bit_lanes(f);
-  const BitLanes rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-  return __builtin_convertvector(f != f ? BitLanes{} + 0x7FC0u : rounded, HalfBitLanes);
+template <typename F>
+__attribute__((always_inline)) inline HalvesOf<F> half_lanes_of(F f, c10::BFloat16) {
+  const BitsOf<F> u = bit_lanes(f);
+  const BitsOf<F> rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return __builtin_convertvector(f != f ? BitsOf<F>{} + 0x7FC0u : rounded, HalvesOf<F>);
 }
 
 // fp16: the exponent rebiased by a multiply (normal values) or the significand read off a
 // float of exponent -1 (subnormal ones), as c10's fp16_ieee_to_fp32_value
-__attribute__((always_inline)) inline FloatLanes float_lanes_of(HalfBitLanes h, c10::Half) {
-  const BitLanes w = __builtin_convertvector(h, BitLanes) << 16;
-  const BitLanes two_w = w + w;
-  const FloatLanes normal = float_lanes((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const FloatLanes subnormal = float_lanes((two_w >> 17) | (126u << 23)) - 0.5f;
-  const BitLanes magnitude = two_w < (1u << 27) ? bit_lanes(subnormal) : bit_lanes(normal);
+template <typename H>
+__attribute__((always_inline)) inline FloatsOf<H> float_lanes_of(H h, c10::Half) {
+  using B = BitsOf<FloatsOf<H>>;
+  const B w = __builtin_convertvector(h, B) << 16;
+  const B two_w = w + w;
+  const FloatsOf<H> normal = float_lanes((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const FloatsOf<H> subnormal = float_lanes((two_w >> 17) | (126u << 23)) - 0.5f;
+  const B magnitude = two_w < (1u << 27) ? bit_lanes(subnormal) : bit_lanes(normal);
   return float_lanes((w & 0x80000000u) | magnitude);
 }
 
@@ -71,25 +79,27 @@ __attribute__((always_inline)) inline FloatLanes float_lanes_of(HalfBitLanes h, 
 // float's last bit makes the float unit round (to nearest even), as c10's
 // fp16_ieee_from_fp32_value; the products are exact (powers of two), so a fused multiply-add
 // gives the same sum
-__attribute__((always_inline)) inline HalfBitLanes half_lanes_of(FloatLanes f, c10::Half) {
-  const BitLanes w = bit_lanes(f);
-  const BitLanes shl1_w = w + w;
-  const FloatLanes base = (float_lanes(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
-  BitLanes bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? BitLanes{} + 0x71000000u : bias;
-  const BitLanes bits = bit_lanes(float_lanes((bias >> 1) + 0x07800000u) + base);
-  const BitLanes nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  const BitLanes result = ((w & 0x80000000u) >> 16) | (shl1_w > 0xFF000000u ? BitLanes{} + 0x7E00u : nonsign);
-  return __builtin_convertvector(result, HalfBitLanes);
+template <typename F>
+__attribute__((always_inline)) inline HalvesOf<F> half_lanes_of(F f, c10::Half) {
+  using B = BitsOf<F>;
+  const B w = bit_lanes(f);
+  const B shl1_w = w + w;
+  const F base = (float_lanes(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  B bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? B{} + 0x71000000u : bias;
+  const B bits = bit_lanes(float_lanes((bias >> 1) + 0x07800000u) + base);
+  const B nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const B result = ((w & 0x80000000u) >> 16) | (shl1_w > 0xFF000000u ? B{} + 0x7E00u : nonsign);
+  return __builtin_convertvector(result, HalvesOf<F>);
 }
 
 // The Half conversions in use: 2: AVX-512's 16-lane instructions, 1: F16C's 8-lane ones, 0:
 // integer vector operations. The best of cpu_capability() (convert.cpp).
 int half_instructions();
 
-// map_half_rows' loops, by the conversions they use: kConvertLanes values of a row at a
-// time, its last n % kConvertLanes one at a time. In2 is std::nullptr_t without a second
-// input.
+// map_half_rows' loops, by the conversions they use: a vector of a row's values at a time
+// (16 with AVX-512's instructions, 8 with F16C's, Bytes / 4 in integer lanes), its last
+// values one at a time. In2 is std::nullptr_t without a second input.
 template <typename In2>
 constexpr bool kSecondInput = !std::is_same_v<In2, std::nullptr_t>;
 
@@ -116,38 +126,39 @@ __attribute__((always_inline)) inline void map_half_tail(const half_t* in, In2 i
   }
 }
 
-template <typename half_t, typename In2, typename F>
+template <int64_t Bytes, typename half_t, typename In2, typename F>
 __attribute__((always_inline)) inline void map_half_portable(const half_t* __restrict in, In2 in2,
                                                              half_t* __restrict out, int64_t stride, int64_t rows,
                                                              int64_t n, F f) {
+  constexpr int64_t W = Bytes / sizeof(float);
   const auto widen = [](const half_t* p) __attribute__((always_inline)) {
-    HalfBitLanes bits;
-    std::memcpy(&bits, p, sizeof(bits));
-    return float_lanes_of(bits, half_t());
+    return float_lanes_of(load<uint16_t, 2 * W>(reinterpret_cast<const uint16_t*>(p)), half_t());
   };
   for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
-    for (; i + kConvertLanes <= n; i += kConvertLanes) {
-      FloatLanes y;
+    for (; i + W <= n; i += W) {
+      Vec<float, Bytes> y;
       if constexpr (kSecondInput<In2>) {
         y = f(widen(in + i), widen(in2 + i), i);
       } else {
         y = f(widen(in + i), i);
       }
-      store(out + i, half_lanes_of(y, half_t()));
+      store(reinterpret_cast<uint16_t*>(out + i), half_lanes_of(y, half_t()));
     }
     map_half_tail(in, in2, out, i, n, f);
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+using FloatLanes = Vec<float, 64>;  // 16 floats: one AVX-512 register
+
 template <typename In2, typename F>
 __attribute__((target("avx512f"))) void map_half_avx512(const c10::Half* __restrict in, In2 in2,
                                                         c10::Half* __restrict out, int64_t stride, int64_t rows,
                                                         int64_t n, F f) {
   for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
-    for (; i + kConvertLanes <= n; i += kConvertLanes) {
+    for (; i + 16 <= n; i += 16) {
       const FloatLanes v = (FloatLanes)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)));
       FloatLanes y;
       if constexpr (kSecondInput<In2>) {
@@ -163,34 +174,28 @@ __attribute__((target("avx512f"))) void map_half_avx512(const c10::Half* __restr
   }
 }
 
-// 16 Half values from p as a FloatLanes, by F16C's 8-lane instruction twice
-__attribute__((target("avx2,f16c"), always_inline)) inline FloatLanes widen_f16c(const c10::Half* p) {
-  __m256 halves[2];
-  for (int k = 0; k < 2; ++k) halves[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k)));
-  FloatLanes v;
-  std::memcpy(&v, halves, sizeof(v));
-  return v;
+// 8 Half values from p as floats, by F16C's instruction: one AVX2 register.
+using F16cLanes = Vec<float, 32>;
+__attribute__((target("avx2,f16c"), always_inline)) inline F16cLanes widen_f16c(const c10::Half* p) {
+  return (F16cLanes)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 template <typename In2, typename F>
 __attribute__((target("avx2,f16c"))) void map_half_f16c(const c10::Half* __restrict in, In2 in2,
                                                         c10::Half* __restrict out, int64_t stride, int64_t rows,
                                                         int64_t n, F f) {
+  constexpr int64_t W = 8;
   for (int64_t r = 0; r < rows; ++r, in += stride, in2 = next_row(in2, stride), out += stride) {
     int64_t i = 0;
-    for (; i + kConvertLanes <= n; i += kConvertLanes) {
-      FloatLanes y;
+    for (; i + W <= n; i += W) {
+      F16cLanes y;
       if constexpr (kSecondInput<In2>) {
         y = f(widen_f16c(in + i), widen_f16c(in2 + i), i);
       } else {
         y = f(widen_f16c(in + i), i);
       }
-      __m256 halves[2];
-      std::memcpy(halves, &y, sizeof(y));
-      for (int k = 0; k < 2; ++k) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8 * k),
-                         _mm256_cvtps_ph(halves[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm256_cvtps_ph((__m256)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
     map_half_tail(in, in2, out, i, n, f);
   }
@@ -199,13 +204,14 @@ __attribute__((target("avx2,f16c"))) void map_half_f16c(const c10::Half* __restr
 
 // out[r * stride + i] = f(float(in[r * stride + i]), i) narrowed to half_t, for rows r <
 // rows of n values i < n; with a second input in2 (a half_t pointer, not nullptr),
-// f(float(in[...]), float(in2[...]), i). f takes FloatLanes (the values from i) or floats,
+// f(float(in[...]), float(in2[...]), i). f takes float vectors (the values from i) or floats,
 // converted in registers on the way in and out: for the 16-bit outputs of a pass over
 // inputs in memory, no float scratch row to write and read back. f's vector code takes
-// the clone of the calling loop (inlined), or the target of the Half instructions; a
-// closure that captures pointers by value keeps them in registers (by reference, the 16-bit
-// stores may alias what it points to, and it is read again at every vector).
-template <typename half_t, typename In2, typename F>
+// the target of the calling loop (inlined; Bytes: its vector width, with_widest_vectors),
+// or that of the Half instructions; a closure that captures pointers by value keeps them
+// in registers (by reference, the 16-bit stores may alias what it points to, and it is
+// read again at every vector).
+template <int64_t Bytes, typename half_t, typename In2, typename F>
 __attribute__((always_inline)) inline void map_half_rows(const half_t* __restrict in, In2 in2, half_t* __restrict out,
                                                          int64_t stride, int64_t rows, int64_t n, F f) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -216,10 +222,10 @@ __attribute__((always_inline)) inline void map_half_rows(const half_t* __restric
     }
   }
 #endif
-  map_half_portable(in, in2, out, stride, rows, n, f);
+  map_half_portable<Bytes>(in, in2, out, stride, rows, n, f);
 }
 
-// p[i...] as a T: the FloatLanes from p + i, or the float p[i] (for the functions of map_half_rows).
+// p[i...] as a T: the float vector from p + i, or the float p[i] (for the functions of map_half_rows).
 template <typename T>
 __attribute__((always_inline)) inline T values_at(const float* p, int64_t i) {
   if constexpr (std::is_arithmetic_v<T>) {

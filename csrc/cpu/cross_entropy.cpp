@@ -222,7 +222,9 @@ FASTREG_INLINE inline void cross_entropy_row(const RowPassArgs<scalar_t>& a, int
       stats.max = m;
     }
     if (stats.max != -INFINITY) stats.sum += block_sum_exp<Bytes>(v, len, stats.max);
-    if (a.smoothing != 0) block_smooth_sums<Bytes>(v, a.weight ? a.weight + j0 : nullptr, len, shift, smooth_sum, weight_sum);
+    if (a.smoothing != 0) {
+      block_smooth_sums<Bytes>(v, a.weight ? a.weight + j0 : nullptr, len, shift, smooth_sum, weight_sum);
+    }
   }
   const acc_t log_sum = std::log(stats.sum);
   const acc_t* scale = a.scale + r * a.scale_stride;

@@ -184,7 +184,8 @@ ChannelArrays<acc_type<scalar_t>> fwd_sample_arrays(int64_t C) {
 // Sample n: one pass of per-channel sums of d = x - shift (shift: the group's value at
 // the first position), the group statistics from them, then y.
 template <int64_t Bytes, typename scalar_t>
-FASTREG_INLINE inline void fwd_sample(const GnParams<scalar_t>& a, int64_t n, ChannelArrays<acc_type<scalar_t>>& arrays) {
+FASTREG_INLINE inline void fwd_sample(const GnParams<scalar_t>& a, int64_t n,
+                                      ChannelArrays<acc_type<scalar_t>>& arrays) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = a.C, S = a.S, D = a.D, G = a.G;
   acc_t* __restrict shift = arrays[0];
@@ -255,12 +256,13 @@ FASTREG_INLINE inline void fwd_sample(const GnParams<scalar_t>& a, int64_t n, Ch
       return (v - values_at<T>(m, c)) * values_at<T>(k, c) + values_at<T>(b, c);
     };
     if (a.silu) {
-      map_half_rows(xn, nullptr, yn, a.stride_s, S, C, [norm](auto v, int64_t c) __attribute__((always_inline)) {
+      const auto norm_silu = [norm](auto v, int64_t c) __attribute__((always_inline)) {
         const auto z = norm(v, c);
         return z / (1.0f + exp_approx(-z));  // silu_from_exp, in a form that takes vectors
-      });
+      };
+      map_half_rows<Bytes>(xn, nullptr, yn, a.stride_s, S, C, norm_silu);
     } else {
-      map_half_rows(xn, nullptr, yn, a.stride_s, S, C, norm);
+      map_half_rows<Bytes>(xn, nullptr, yn, a.stride_s, S, C, norm);
     }
     return;
   }
