@@ -15,8 +15,9 @@
 namespace fastreg {
 
 // FASTREG_CPU_CLONES_AVX512 adds an AVX-512 clone, for compute-heavy loops the compiler
-// vectorizes itself (GroupNorm's SiLU, the 16-bit conversions): they run faster with
-// 16-lane vectors where the CPU has them (torch's own CPU kernels use AVX-512 there).
+// vectorizes itself (GroupNorm's contiguous passes and SiLU, the Philox batches): they run
+// faster with 16-lane vectors where the CPU has them (torch's own CPU kernels use AVX-512
+// there).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTREG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #define FASTREG_CPU_CLONES_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
