@@ -6,7 +6,12 @@ switched on before triton is first imported (importing torch does not import it)
 
 import os
 
-import torch
+# pytest-xdist runs a worker per core, and each worker's torch keeps a thread per core: idle
+# OpenMP threads that spin-wait take cores from the other workers (a gradcheck of many
+# small ops runs 3-4x slower). Passive threads sleep instead; the kernels still run threaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +42,14 @@ BACKEND_DEVICE = {
     "torch": "cuda" if GPU else "cpu",
 }
 KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+
+
+def interpreted(backend: str) -> bool:
+    """Whether `backend` runs in the Triton interpreter here: a few tenths of a second per
+    launch, so its tests take small shapes, and its gradchecks take gradcheck's fast mode
+    (the analytical and numerical Jacobians compared along one random direction instead of
+    column by column)."""
+    return backend == "triton" and not GPU
 
 
 def skip_unless_runs(backend: str, device: str | None = None) -> str:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from tests.conftest import GPU
+from tests.conftest import interpreted
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -55,7 +55,7 @@ def examples(backend: str, cost: int = 1) -> int:
     backend (0.1 to 0.5 s per kernel launch) gets a third, and `cost` (launches per example
     beyond the usual few) divides further."""
     n = settings.default.max_examples
-    if backend == "triton" and not GPU:
+    if interpreted(backend):
         n = max(3, n // 3)
     return max(2, n // cost)
 

@@ -6,7 +6,7 @@ import torch
 
 import fastreg
 from fastreg import functional as F
-from tests.conftest import GPU, skip_unless_runs
+from tests.conftest import GPU, interpreted, skip_unless_runs
 
 
 # Per-dtype tolerances against torch (same dtype). Backward sums over N * S values per
@@ -324,7 +324,7 @@ def _fused_samples(device):
 def test_fused_ops_opcheck(kernel_backend):
     name, device = kernel_backend
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if GPU or name != "triton":
+    if not interpreted(name):
         utils += ("test_aot_dispatch_dynamic",)
     suffix = "_triton" if name == "triton" else ""
     fwd, bwd = getattr(torch.ops.fastreg, "bn_fwd" + suffix).default, getattr(torch.ops.fastreg, "bn_bwd" + suffix).default
@@ -359,7 +359,7 @@ def test_fused_ops_match_the_reference(kernel_backend):
 def test_opcheck(kernel_backend):
     name, device = kernel_backend
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if GPU or name != "triton":
+    if not interpreted(name):
         utils += ("test_aot_dispatch_dynamic",)
     suffix = "_triton" if name == "triton" else ""
     stats, apply, reduce, bwd_apply = (getattr(torch.ops.fastreg, op + suffix).default for op in BN_OPS)
@@ -393,7 +393,7 @@ def test_gradcheck_fp64(backend, training, affine):
         return F.batch_norm(given["x"], running_mean.clone(), running_var.clone(), given.get("w"), given.get("b"),
                             training=training)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=interpreted(name))
 
 
 class _ConvBlock(torch.nn.Module):

@@ -13,7 +13,7 @@ import fastreg
 from fastreg import functional as F
 from fastreg.ops.cross_entropy import LINEAR_CROSS_ENTROPY_FWD
 from tests import triton_aot
-from tests.conftest import GPU
+from tests.conftest import GPU, interpreted
 
 # The relative rule: against a float64 reference from the same rounded logits, fastreg's
 # error may be at most twice PyTorch's own error in the logits' dtype, plus an atol.
@@ -34,7 +34,7 @@ LINEAR_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 def _interpreter_slack(backend_name, reference, dtype):
     # The Triton interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to
     # nearest): allow it one more bfloat16 ulp of the largest value.
-    if backend_name == "triton" and not GPU and dtype == torch.bfloat16:
+    if interpreted(backend_name) and dtype == torch.bfloat16:
         return torch.finfo(dtype).eps * reference.abs().max().item()
     return 0.0
 
@@ -384,7 +384,7 @@ OPS = {"cpu": ("cross_entropy_fwd", "cross_entropy_bwd_", "linear_cross_entropy_
 def test_opcheck(kernel_backend):
     name, device = kernel_backend
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if GPU or name != "triton":  # AOT tracing runs the launcher on fake tensors: not in the interpreter
+    if not interpreted(name):  # AOT tracing runs the launcher on fake tensors: not in the interpreter
         utils += ("test_aot_dispatch_dynamic",)
     fwd, bwd, linear = (getattr(torch.ops.fastreg, n).default for n in OPS[name])
     x = torch.randn(5, 7, 3, device=device, requires_grad=True)
@@ -412,13 +412,14 @@ def test_opcheck(kernel_backend):
 
 def test_gradcheck_fp64(backend):
     name, device = backend
+    fast = interpreted(name)
     target = torch.tensor([[0, 3], [-100, 5], [2, 2]], device=device)
     weight = torch.rand(6, dtype=torch.float64, device=device) + 0.5
     x = torch.randn(3, 6, 2, dtype=torch.float64, device=device, requires_grad=True)
     for reduction in ("mean", "sum", "none"):
         assert torch.autograd.gradcheck(
             lambda x: F.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.1,
-                                      z_loss=0.01), (x,))
+                                      z_loss=0.01), (x,), fast_mode=fast)
     tokens = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
     linear_weight = torch.randn(6, 3, dtype=torch.float64, device=device, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
@@ -426,7 +427,8 @@ def test_gradcheck_fp64(backend):
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda x, w, b: F.linear_cross_entropy(x, w, target, linear_bias=b, weight=weight, reduction=reduction,
-                                                   label_smoothing=0.2, z_loss=0.01), (tokens, linear_weight, bias))
+                                                   label_smoothing=0.2, z_loss=0.01), (tokens, linear_weight, bias),
+            fast_mode=fast)
 
 
 class _Head(torch.nn.Module):

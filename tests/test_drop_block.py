@@ -14,7 +14,7 @@ from fastreg import _reference, _rng
 from fastreg import functional as F
 from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_APPLY
 from tests import triton_aot
-from tests.conftest import GPU
+from tests.conftest import GPU, interpreted
 
 try:
     import torchvision.ops as torchvision_ops
@@ -175,7 +175,7 @@ def test_drop_rate_and_normalization(backend):
     axis cover a position), so E[kept] = mean over positions of (1 - gamma)^(c(h) c(w)); the
     output's mean magnitude is the input's (the normalization)."""
     name, device = backend
-    shape = (16, 16, 20, 20) if name != "triton" or GPU else (4, 4, 20, 20)
+    shape = (4, 4, 20, 20) if interpreted(name) else (16, 16, 20, 20)
     p, block_size = 0.2, 5
     gamma, _ = _gamma(shape, p, block_size)
     grid = shape[-1] - block_size + 1
@@ -350,7 +350,7 @@ OP_NAMES = {"cpu": ("drop_block", "drop_block_", "drop_block_apply"),
 
 def _opcheck_utils(name):
     # Under the interpreter, AOT tracing would run the Triton launcher on fake tensors
-    if name == "triton" and not GPU:
+    if interpreted(name):
         return ("test_schema", "test_autograd_registration", "test_faketensor")
     return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -373,9 +373,7 @@ def test_opcheck(kernel_backend):
 def test_gradcheck_fp64(backend):
     name, device = backend
     seed = _seeded(5, device)  # a fixed seed makes the op a deterministic function
-    # the interpreted Triton op (five launches) gets gradcheck's fast mode: two evaluations
-    # along a random direction instead of one per input element
-    fast = name == "triton" and not GPU
+    fast = interpreted(name)  # five launches per call
     for layout, shape in ((torch.contiguous_format, (2, 3, 6, 7)), (torch.channels_last, (2, 3, 6, 7)),
                           (torch.contiguous_format, (1, 2, 4, 5, 4))):
         x = torch.randn(shape, dtype=torch.float64, device=device).contiguous(memory_format=layout).requires_grad_()

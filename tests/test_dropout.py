@@ -12,7 +12,7 @@ import fastreg
 from fastreg import _reference, _rng
 from fastreg.ops.dropout import DROPOUT
 from fastreg import functional as F
-from tests.conftest import GPU, skip_unless_runs
+from tests.conftest import GPU, interpreted, skip_unless_runs
 
 # (atol, rtol) of an output against the float64 reference computed from the same rounded
 # input and mask. The kernels round once to the dtype (x * scale; r + (x + b) * scale), so
@@ -105,7 +105,7 @@ def test_drop_rate_is_exactly_p(backend_name, p):
     take it ~10 s); its masks are bitwise those of the other backends (test above).
     """
     device = skip_unless_runs(backend_name)
-    if backend_name == "triton" and not GPU:
+    if interpreted(backend_name):
         pytest.skip("interpreted Triton is covered by the bitwise mask test")
     numel = 2**20
     out = DROPOUT[backend_name](torch.ones(numel, device=device), _seeded(2024, device), p)
@@ -399,7 +399,7 @@ OP_NAMES = {"cpu": ("dropout", "dropout_"), "cuda": ("dropout", "dropout_"), "tr
 def _opcheck_utils(name):
     # Under the interpreter, AOT tracing would run the Triton launcher on fake tensors,
     # which the interpreter cannot do; on a GPU the Triton ops get every check.
-    if name == "triton" and not GPU:
+    if interpreted(name):
         return ("test_schema", "test_autograd_registration", "test_faketensor")
     return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -421,8 +421,9 @@ def test_gradcheck_fp64(backend):
     op = DROPOUT[name]
     seed = _seeded(5, device)  # a fixed seed makes the op a deterministic function
     args = [torch.randn(s, dtype=torch.float64, device=device, requires_grad=True) for s in ((3, 8), (8,), (3, 8))]
-    assert torch.autograd.gradcheck(lambda x, b, r: op(x, seed, 0.4, 0, 1, b, r), args)
-    assert torch.autograd.gradgradcheck(lambda x: op(x, seed, 0.4, 4, 2), args[:1])
+    fast = interpreted(name)
+    assert torch.autograd.gradcheck(lambda x, b, r: op(x, seed, 0.4, 0, 1, b, r), args, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(lambda x: op(x, seed, 0.4, 4, 2), args[:1], fast_mode=fast)
 
 
 class _Block(torch.nn.Module):

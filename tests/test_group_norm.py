@@ -14,7 +14,7 @@ import torch.nn.functional as torch_F
 import fastreg
 from fastreg.ops.group_norm import GN_FWD
 from fastreg import functional as F
-from tests.conftest import GPU, skip_unless_runs
+from tests.conftest import GPU, interpreted, skip_unless_runs
 
 # Per-dtype tolerances against torch (same dtype). dweight / dbias sum N * S values per
 # channel: their atol grows with the square root of that count.
@@ -519,7 +519,7 @@ def test_instance_norm_warns_as_torch_does():
 def test_opcheck(kernel_backend):
     name, device = kernel_backend
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if GPU or name != "triton":
+    if not interpreted(name):
         utils += ("test_aot_dispatch_dynamic",)
     suffix = "_triton" if name == "triton" else ""
     fwd, bwd = getattr(torch.ops.fastreg, "gn_fwd" + suffix).default, getattr(torch.ops.fastreg, "gn_bwd" + suffix).default
@@ -536,8 +536,8 @@ def test_opcheck(kernel_backend):
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 def test_gradcheck_fp64(backend, silu):
     name, device = backend
-    # the interpreter runs a launch in ~0.2 s: triton takes a smaller input and fast mode
-    shape, fast = ((1, 4, 2), True) if name == "triton" else ((2, 4, 3), False)
+    fast = interpreted(name)
+    shape = (1, 4, 2) if fast else (2, 4, 3)
     x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)

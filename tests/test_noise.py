@@ -13,7 +13,7 @@ from fastreg import _reference, _rng
 from fastreg import functional as F
 from fastreg.ops.noise import ALPHA_DROPOUT, GAUSSIAN_NOISE
 from tests import triton_aot
-from tests.conftest import GPU, skip_unless_runs
+from tests.conftest import GPU, interpreted, skip_unless_runs
 
 # (atol, rtol) of an output against the float64 formula computed from the same rounded input
 # and the same float32 normals / mask. The kernels round once to the dtype; the Triton
@@ -101,7 +101,7 @@ def test_normal_statistics(backend_name):
     no correlation between neighbours (lags 1-4, the values and their squares: Box-Muller
     pairs are independent). Interpreted Triton draws the same bits (test above)."""
     device = skip_unless_runs(backend_name)
-    if backend_name == "triton" and not GPU:
+    if interpreted(backend_name):
         pytest.skip("interpreted Triton is covered by the bitwise test")
     numel = 2**20
     n = GAUSSIAN_NOISE[backend_name](torch.zeros(numel, device=device), _seeded(2024, device), 1.0, False).double()
@@ -156,7 +156,7 @@ def test_gaussian_noise_forward_backward(backend, dtype, shape):
 def test_gaussian_dropout_statistics(backend):
     """Multiplicative noise of mean 1 and variance p / (1 - p)."""
     name, device = backend
-    numel = 2**16 if name != "triton" or GPU else 2**12
+    numel = 2**12 if interpreted(name) else 2**16
     for p in (0.1, 0.5, 0.8):
         multiplier = F.gaussian_dropout(torch.ones(numel, device=device, dtype=torch.float64), p).cpu()
         variance = p / (1 - p)
@@ -291,7 +291,7 @@ def test_alpha_dropout_keeps_selu_statistics(backend):
     """For zero-mean unit-variance input, alpha dropout keeps mean 0 and variance 1 (its
     purpose), and drops a fraction p."""
     name, device = backend
-    numel = 2**16 if name != "triton" or GPU else 2**12
+    numel = 2**12 if interpreted(name) else 2**16
     x = torch.randn(numel, device=device, dtype=torch.float64)
     for p in (0.1, 0.5):
         torch.manual_seed(3)
@@ -410,7 +410,7 @@ OP_NAMES = {"cpu": ("gaussian_noise", "alpha_dropout", "alpha_dropout_"),
 
 def _opcheck_utils(name):
     # Under the interpreter, AOT tracing would run the Triton launcher on fake tensors
-    if name == "triton" and not GPU:
+    if interpreted(name):
         return ("test_schema", "test_autograd_registration", "test_faketensor")
     return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -436,8 +436,8 @@ def test_gradcheck_fp64(backend):
                lambda t: GAUSSIAN_NOISE[name](t, seed, 0.6, False, 4),
                lambda t: ALPHA_DROPOUT[name](t, seed, 0.4, 1.3, 0.2, -0.6, 0, 1),
                lambda t: ALPHA_DROPOUT[name](t, seed, 0.4, 1.3, 0.2, -0.6, 4, 4)):
-        assert torch.autograd.gradcheck(fn, (x,))
-        assert torch.autograd.gradgradcheck(fn, (x,))
+        assert torch.autograd.gradcheck(fn, (x,), fast_mode=interpreted(name))
+        assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=interpreted(name))
 
 
 class _SeluBlock(torch.nn.Module):

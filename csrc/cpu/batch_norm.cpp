@@ -10,8 +10,12 @@
 // positions (n, s) and, inside, the channels; otherwise each (n, c) walks its S values.
 // Unit strides take vector lanes (vectorize.h), and 16-bit values are converted a piece at
 // a time into float scratch (convert.h).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -11,9 +11,13 @@
 // gradient) while the tile's C x 16 values stay in cache.
 // Arithmetic in float (double for double). Deterministic: every row has a fixed order of
 // operations, and the reductions over rows are sequential sums in double.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>

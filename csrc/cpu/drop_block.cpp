@@ -9,9 +9,13 @@
 // regenerated: the seeds' Philox draws cost more than the apply pass itself, and both the
 // forward's normalization (it needs the kept count before any output) and backward would
 // draw them again.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <cstring>

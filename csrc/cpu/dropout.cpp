@@ -1,8 +1,10 @@
 // Dropout on CPU tensors: the Philox stream of csrc/include/fastreg/philox.h, one call
 // per 4 consecutive elements, applied in the same pass over x.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "fastreg/dropout_args.h"

@@ -9,8 +9,11 @@
 //     would read the whole sample again from memory).
 // Arithmetic in float (double for double). Deterministic: every sum has a fixed order, and
 // dweight / dbias come from per-sample partials summed over the samples in order.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

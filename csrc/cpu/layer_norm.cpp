@@ -2,8 +2,10 @@
 // and backward. Rows run in parallel. Arithmetic in the accumulate type (float, double
 // for double inputs); statistics in two passes over a row (L1-resident after the first)
 // with sums in vectorizable lanes (csrc/cpu/vectorize.h).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

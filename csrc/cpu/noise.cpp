@@ -7,9 +7,11 @@
 // twice, as torch's multiply and add_ do.
 #pragma GCC optimize("fp-contract=off")
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "fastreg/noise_args.h"

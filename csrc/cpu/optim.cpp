@@ -11,8 +11,8 @@
 // GradScaler's scale and inf flag and Adam's step counts are CPU scalars read here: a set
 // inf flag returns before anything is written; the counts are incremented and each
 // tensor's bias corrections formed in double as torch.optim forms them in Python.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +24,7 @@
 
 #include "fastreg/contiguous_lists.h"
 #include "fastreg/welford.h"
+#include "parallel.h"
 #include "vectorize.h"
 
 namespace fastreg {
@@ -176,12 +177,12 @@ template <typename param_t, typename value_t, typename Update>
 void run_steps(const StepTensors<param_t, value_t>& s, const Regularizers<acc_type<value_t>>& r,
                const std::vector<WorkItem>& items, Update update) {
   using acc_t = acc_type<value_t>;
-  // Threads only for work that outweighs waking them: at least GRAIN_SIZE elements each (a
+  // Threads only for work that outweighs waking them: at least kMinTaskElements each (a
   // step over a few small tensors runs on the calling thread, as torch's fused step does).
   int64_t elements = 0;
   for (const WorkItem& item : items) elements += item.end - item.begin;
   const auto count = static_cast<int64_t>(items.size());
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE * count / std::max<int64_t>(elements, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements * count / std::max<int64_t>(elements, 1));
   at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> scratch;
     for (int64_t k = first; k < last; ++k) {

@@ -6,8 +6,10 @@
 // the chunks in order: deterministic, no atomics. Channels (or channel blocks) are the
 // grid's x axis (up to 2^31 - 1 blocks; y and z stop at 65535), chunks its y axis (at
 // most kMaxChunks).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

@@ -9,8 +9,14 @@
 // softmax state (max, sum of exp) over its classes; the groups' states merge in shared
 // memory (a fixed tree: deterministic); the second sweep writes the gradient (re-reading
 // the row from L2). The reductions over rows are torch's (deterministic on CUDA).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

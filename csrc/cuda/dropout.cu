@@ -1,9 +1,10 @@
 // Dropout on CUDA tensors: one thread per 4 consecutive elements and one Philox call
 // (csrc/include/fastreg/philox.h) for the four, with 4-wide vector loads and stores
 // when the pointers allow. The seed is read on the device: no host synchronization.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

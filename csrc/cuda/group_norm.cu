@@ -10,8 +10,11 @@
 //             dweight / dbias: the per-sample partials summed over N in order by
 //             column_sums_kernel, in the parameters' dtypes (two launches in all).
 // Block reductions are fixed trees in shared memory: deterministic, no atomics.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

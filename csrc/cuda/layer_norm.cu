@@ -4,8 +4,9 @@
 // launches: one block per row for dx, and in the same launch blocks that write the
 // per-chunk column partial sums for dweight/dbias; then column_sums_kernel sums them in a
 // fixed order into the weight's dtype (no atomics: deterministic).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

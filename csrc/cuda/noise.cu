@@ -3,9 +3,10 @@
 // (csrc/include/fastreg/philox.h) for the four, 4-wide vector loads and stores when the
 // pointers allow. The normals are those of csrc/include/fastreg/normal.h (its __f*_rn
 // intrinsics keep nvcc from fusing a multiply and an add). The seed is read on the device.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

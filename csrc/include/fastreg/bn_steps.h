@@ -6,7 +6,11 @@
 //       A = sum d, B = sum d * d; or with dy, A = sum dy, B = sum dy * d (deterministic)
 //   affine(x, mean, coef_x, coef_one, dy or nullptr, coef_dy or nullptr) -> out, in x's
 //       dtype and strides: (x - mean[c]) * coef_x[c] + coef_one[c] (+ dy * coef_dy[c])
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <optional>
 

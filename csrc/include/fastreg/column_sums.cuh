@@ -2,8 +2,9 @@
 // CUDA only (included by csrc/cuda/*.cu): parameter gradients from per-chunk partials in
 // one launch, summed in a fixed order (deterministic, no atomics) and written in the
 // parameter's dtype, where `partial.sum(0).to(dtype)` would be one launch per sum and cast.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 

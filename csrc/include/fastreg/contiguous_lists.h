@@ -3,7 +3,7 @@
 // tensors that are not contiguous runs on contiguous copies of them, and the copies of the
 // tensors the step writes are copied back into the originals afterwards: any strides are
 // accepted, and contiguous tensors (the usual case) are used as they are.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <initializer_list>
 #include <utility>

@@ -11,7 +11,8 @@
 // Anything else is copied to contiguous first (one extra pass over the logits).
 // The gradient is dense in the layout read: rows -> (N, S, C) memory order, columns ->
 // contiguous (N, C, S).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <tuple>
 

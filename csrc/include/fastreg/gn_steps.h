@@ -11,7 +11,8 @@
 //               dx = rstd * w[c] * g + k_x * (x - mean) + k_one,
 //               k_x = -rstd^2 * B / M, k_one = -rstd * A / M
 //             dweight = sum_n sum_gxhat[n, :], dbias = sum_n sum_g[n, :] (in order over n)
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include "fastreg/macros.h"
 #include "fastreg/norm_args.h"

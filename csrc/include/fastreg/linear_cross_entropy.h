@@ -6,7 +6,10 @@
 // grad_input = G @ W (written), grad_weight += G^T @ x and grad_bias += sum of G's rows
 // (accumulated in float32, float64 for float64). The memory above inputs and outputs is the
 // (chunk, V) buffer and, for float16/bfloat16 weights, the float32 accumulators.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <tuple>

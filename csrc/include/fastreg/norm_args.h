@@ -1,7 +1,10 @@
 #pragma once
 // Argument checks, output allocation and kernel parameters of the norm ops, shared by the
 // CPU and CUDA registrations.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/promote_types.h>
 
 #include "fastreg/philox.h"
 #include "fastreg/welford.h"
