@@ -29,10 +29,13 @@ constexpr int64_t kMaxWeightChunks = 64;
 
 // Statistics of the row v, then y. Two passes for the statistics, the second from L1:
 // the mean of v - v[0] (shifted, so a large mean costs no precision), then the squared
-// deviations from the mean.
+// deviations from the mean. A 16-bit y is computed from `stored`, the row v as stored in
+// 16 bits where there is one (x of a plain norm), converted in registers; else from v
+// through the float row y_buf.
 template <int64_t Bytes, typename scalar_t, typename h_t, typename acc_t>
 FASTREG_INLINE inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, int64_t row,
-                                                         const acc_t* __restrict v, acc_t* __restrict y_buf) {
+                                         const acc_t* __restrict v, const scalar_t* __restrict stored,
+                                         acc_t* __restrict y_buf) {
   const int64_t n = a.n;
   acc_t mean = 0;
   if (a.mean) {
@@ -61,7 +64,16 @@ FASTREG_INLINE inline void normalize_row(const NormFwdParams<scalar_t, h_t>& a, 
       if (b) out = out + b[j];
       y[j] = out;
     }
-  } else {  // 16-bit y: computed into y_buf, then narrowed
+  } else if (stored != nullptr) {
+    const acc_t *wp = w, *bp = b, m = mean, r = rstd;  // by value: registers (map_half_rows)
+    map_half_rows<Bytes>(stored, nullptr, y, n, 1, n, [=](auto value, int64_t i) FASTREG_INLINE {
+      using T = decltype(value);
+      auto out = (value - m) * r;
+      if (wp) out = out * values_at<T>(wp, i);
+      if (bp) out = out + values_at<T>(bp, i);
+      return out;
+    });
+  } else {
     for (; j < n; ++j) {
       acc_t out = (v[j] - mean) * rstd;
       if (w) out = out * w[j];
@@ -85,7 +97,8 @@ FASTREG_INLINE inline void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, i
   const int64_t n = a.n, base = row * n;
   const scalar_t* __restrict x = a.x + base;
   if (!a.fused) {
-    normalize_row<Bytes>(a, row, as_acc(x, v, n), y_buf);
+    const scalar_t* stored = std::is_same_v<scalar_t, acc_t> ? nullptr : x;
+    normalize_row<Bytes>(a, row, as_acc(x, v, n), stored, y_buf);
     return;
   }
   if (a.seed) {
@@ -108,7 +121,7 @@ FASTREG_INLINE inline void norm_fwd_row(const NormFwdParams<scalar_t, h_t>& a, i
   } else if constexpr (!std::is_same_v<h_t, acc_t>) {
     for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(static_cast<h_t>(v[j]));
   }
-  normalize_row<Bytes>(a, row, static_cast<const acc_t*>(v), y_buf);
+  normalize_row<Bytes>(a, row, static_cast<const acc_t*>(v), static_cast<const scalar_t*>(nullptr), y_buf);
 }
 
 template <typename scalar_t, typename h_t>
