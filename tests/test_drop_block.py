@@ -14,7 +14,7 @@ from fastreg import _reference, _rng
 from fastreg import functional as F
 from fastreg.ops.drop_block import DROP_BLOCK, DROP_BLOCK_APPLY
 from tests import triton_aot
-from tests.conftest import GPU, interpreted
+from tests.conftest import interpreted
 
 try:
     import torchvision.ops as torchvision_ops

@@ -14,7 +14,7 @@ import torch.nn.functional as torch_F
 import fastreg
 from fastreg.ops.group_norm import GN_FWD
 from fastreg import functional as F
-from tests.conftest import GPU, interpreted, skip_unless_runs
+from tests.conftest import interpreted, skip_unless_runs
 
 # Per-dtype tolerances against torch (same dtype). dweight / dbias sum N * S values per
 # channel: their atol grows with the square root of that count.

@@ -11,7 +11,7 @@ import fastreg
 from fastreg import _reference, _rng
 from fastreg.ops.norm import _NORM_FWD_Y_ENTRY, NORM_FWD
 from fastreg import functional as F
-from tests.conftest import GPU, interpreted, skip_unless_runs
+from tests.conftest import interpreted, skip_unless_runs
 
 # The relative rule: against a float32 reference computed from the same rounded input,
 # fastreg's error may be at most twice PyTorch's own error in the input dtype, plus an

@@ -13,7 +13,7 @@ from fastreg import _reference, _rng
 from fastreg import functional as F
 from fastreg.ops.noise import ALPHA_DROPOUT, GAUSSIAN_NOISE
 from tests import triton_aot
-from tests.conftest import GPU, interpreted, skip_unless_runs
+from tests.conftest import interpreted, skip_unless_runs
 
 # (atol, rtol) of an output against the float64 formula computed from the same rounded input
 # and the same float32 normals / mask. The kernels round once to the dtype; the Triton
