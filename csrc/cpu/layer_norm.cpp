@@ -134,8 +134,9 @@ void norm_fwd_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
   at::parallel_for(0, x.size(0), grain, [&](int64_t begin, int64_t end) {
     const bool convert = a.fused || !std::is_same_v<scalar_t, acc_t>;
-    constexpr bool narrow = !std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0), y_buf(narrow ? a.n : 0);
+    // a 16-bit y goes through y_buf only when fused (a plain norm converts it in registers)
+    const bool narrow_from_buf = a.fused && !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> v(convert ? a.n : 0), multiplier(a.seed ? a.n : 0), y_buf(narrow_from_buf ? a.n : 0);
     with_widest_vectors([&](auto bytes) FASTREG_INLINE {
       for (int64_t row = begin; row < end; ++row) {
         norm_fwd_row<bytes>(a, row, v.data(), multiplier.data(), y_buf.data());
